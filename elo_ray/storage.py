@@ -1,0 +1,143 @@
+"""Where elo-ray reads and writes: local paths and object-storage URIs, through fsspec.
+
+Rules, kept in this one module:
+- A location is a string: a local path (`/data/run`, `runs/x`) or a URI with a scheme
+  (`s3://bucket/prefix`, `gs://bucket/prefix`, `file:///abs/path`).
+- S3 endpoint and credentials come from the standard AWS environment variables
+  (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), never from job specs, so that no credential
+  is ever written into a manifest, a log line or an error message.
+- Writes that must not be seen half-done go through `write_bytes` (local: temp file + rename;
+  object stores: a single PUT, which is atomic).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from typing import Iterable
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+class StorageError(RuntimeError):
+    """A storage location cannot be read or written; the message names the URI."""
+
+
+def has_scheme(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    return "file" in protocols or "local" in protocols
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for `uri` and the path inside it."""
+    try:
+        return url_to_fs(uri)
+    except (ImportError, ValueError) as e:
+        scheme = uri.split("://", 1)[0]
+        raise StorageError(
+            f"cannot open {uri!r}: {e}. For {scheme}:// install its fsspec backend "
+            f"(s3fs for s3://, gcsfs for gs://: pip install 'elo-ray[gcs]')."
+        ) from e
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or URI with '/'."""
+    if has_scheme(uri) or uri.startswith("file://"):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def listdir(uri: str) -> list[str]:
+    """Names (not paths) directly under `uri`; empty when it does not exist."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri} does not exist") from e
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object so that readers see either nothing or all of it."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    fs.pipe_file(path, data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(uri: str) -> None:
+    """Remove a file or a whole tree; nothing happens when it does not exist."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+def upload(local_dir: str, uri: str) -> None:
+    """Copy a local directory tree to `uri` (which may be local)."""
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+    for root, _, files in os.walk(local_dir):
+        rel = os.path.relpath(root, local_dir)
+        for name in files:
+            dest = posixpath.join(path, name) if rel == "." else posixpath.join(path, rel, name)
+            fs.put_file(os.path.join(root, name), dest)
+
+
+def download(uri: str, local_dir: str, names: Iterable[str] | None = None) -> str:
+    """Copy the files under `uri` (or only `names`) into `local_dir`; returns `local_dir`."""
+    fs, path = filesystem(uri)
+    os.makedirs(local_dir, exist_ok=True)
+    for name in names if names is not None else listdir(uri):
+        fs.get_file(posixpath.join(path, name), os.path.join(local_dir, name))
+    return local_dir
+
+
+def pyarrow_filesystem(uri: str):
+    """(pyarrow filesystem, path) for Ray Train's RunConfig and Ray Data readers.
+
+    Ray wants `storage_path` without scheme when a filesystem is given; the fsspec
+    filesystem is wrapped so that S3 settings come from the same place as everywhere else.
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
