@@ -1,0 +1,380 @@
+"""The job spec: YAML -> validated, typed objects, with errors a user can act on.
+
+A spec is data only: it names models, data and settings, and can never execute code.
+Each component has its own config class with a docstring on every field; `JobSpec` composes
+them. `load_spec` reads a YAML file, applies `--set key.path=value` overrides and validates;
+every problem becomes one `SpecProblem` line naming the key (and the YAML line), with a
+"did you mean" for misspelled keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Config(BaseModel):
+    """Base for every config class: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SourceConfig(Config):
+    """One corpus source: files of one language in one format."""
+
+    uri: str = Field(description="Local path, directory, glob, or s3:// / gs:// URI of the files.")
+    language: str = Field(description="Language tag of every document in this source (en, ko, ja, ...).")
+    format: Literal["jsonl", "parquet", "text"] = Field(
+        "jsonl", description="jsonl and parquet read `text_field`; text is one document per line."
+    )
+    text_field: str = Field("text", description="Column or JSON key holding the document text.")
+
+
+class DataConfig(Config):
+    """A mixed-language token stream for causal-LM training (pretrain and align)."""
+
+    sources: list[SourceConfig] = Field(description="Corpus sources; several may share a language.")
+    weights: dict[str, float] | None = Field(
+        None,
+        description="Share of trained tokens per language. Default: English 1, the other "
+        "languages share 9 equally (the paper's 1:9).",
+    )
+    seq_len: int = Field(2048, gt=1, description="Tokens per packed training sequence.")
+    max_tokens: int | None = Field(
+        None, gt=0, description="Token budget of the stream; unset: `epochs` bounds it."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the scarcest language when max_tokens is unset.")
+    on_exhausted: Literal["stop", "repeat"] = Field(
+        "stop",
+        description="When one language runs out before the budget: stop the stream (default: "
+        "never trains a document twice, and keeps the ratio exact) or repeat that language.",
+    )
+    heldout_docs: int = Field(
+        64, ge=0, description="Documents per language kept out of training for perplexity."
+    )
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="Malformed JSON line: error naming file and line, or skip and count."
+    )
+    seed: int = Field(0, description="Seed of shuffling and mixing; same seed, same batches.")
+
+
+class ChatDataConfig(Config):
+    """Chat data for instruction tuning: jsonl rows with a `messages` list of {role, content}."""
+
+    sources: list[SourceConfig] = Field(description="Chat sources (format jsonl, text_field = messages key).")
+    weights: dict[str, float] | None = Field(
+        None, description="Share of examples per language; default equal (paper: target:English 1:1)."
+    )
+    seq_len: int = Field(2048, gt=1, description="Longest example in tokens; longer ones are truncated.")
+    heldout_docs: int = Field(16, ge=0, description="Conversations per language kept out of training.")
+    seed: int = Field(0, description="Seed of shuffling.")
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainConfig(Config):
+    """Hyper-parameters of one training stage (the same worker loop serves every stage)."""
+
+    lr: float = Field(5e-6, gt=0, description="Peak learning rate (paper: 5e-6).")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps before the cosine decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: off.")
+    micro_batch_size: int = Field(1, gt=0, description="Sequences per worker per forward.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    activation_checkpointing: bool = Field(False, description="Recompute decoder layers in backward.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 compute with fp32 reduce on GPU, fp32 on CPU."
+    )
+    checkpoint_every: int = Field(500, gt=0, description="Optimizer steps between checkpoints.")
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")
+    seed: int = Field(0, description="Seed of initialisation-free randomness (dropout, LoRA init).")
+    method: Literal["elo", "full", "lora"] = Field(
+        "full", description="Which parameters train: elo (detached layers), full (all), lora (adapters)."
+    )
+    lora_rank: int = Field(16, gt=0, description="LoRA rank (method lora).")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method lora).")
+
+
+class ResourcesConfig(Config):
+    """Ray resources of every training stage."""
+
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one per GPU on a cluster).")
+    use_gpu: bool = Field(False, description="One GPU per worker, NCCL; false: CPU and gloo.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved per worker; the rest read and tokenize data."
+    )
+    max_failures: int = Field(1, ge=0, description="Worker failures a stage survives by restarting.")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class ModelConfig(Config):
+    """The models the pipeline starts from."""
+
+    base: str = Field(description="Base model: HF checkpoint directory or URI (config.json + *.safetensors).")
+    tokenizer: str | None = Field(None, description="Tokenizer location; default: the base model's.")
+    instruct: str | None = Field(
+        None, description="Instruct model of the same base, for the chat vector; unset: SFT only."
+    )
+
+
+class PretrainStage(Config):
+    """Stage 1: detach the chosen layers and train them on the mixed stream."""
+
+    enabled: bool = True
+    layers: list[int] = Field([0, -1], description="Decoder layers to detach (paper: first and last).")
+    init_from: str | None = Field(
+        None, description="Warm start: an earlier run's ELO checkpoint instead of the base model's layers."
+    )
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(method="elo"))
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("needs at least one layer index, e.g. [0, -1]")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layer indices must be distinct, got {v}")
+        return v
+
+
+class MergeStage(Config):
+    """Stage 2: write the trained layers back into the base model."""
+
+    enabled: bool = True
+
+
+class AlignStage(Config):
+    """Stage 3: brief full fine-tuning of the merged model on a bilingual set."""
+
+    enabled: bool = True
+    data: DataConfig | None = Field(None, description="Alignment data; unset: the pretrain data.")
+    max_tokens: int | None = Field(None, gt=0, description="Token budget when reusing the pretrain data.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class ChatVectorConfig(Config):
+    """instruct - base, added to the aligned model."""
+
+    enabled: bool = True
+    scale: float = Field(1.0, description="Multiplier of the chat vector.")
+    skip: list[str] = Field(default_factory=list, description="Tensor name patterns left untouched.")
+
+
+class InstructStage(Config):
+    """Stage 4: chat vector, then bilingual instruction tuning."""
+
+    enabled: bool = True
+    chat_vector: ChatVectorConfig = Field(default_factory=ChatVectorConfig)
+    sft_enabled: bool = Field(True, description="Run instruction tuning after the chat vector.")
+    data: ChatDataConfig | None = Field(None, description="Chat data; required when sft_enabled.")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class EvalStage(Config):
+    """Stage 5: held-out perplexity per language for the base model and each stage's output."""
+
+    enabled: bool = True
+    max_docs: int = Field(64, gt=0, description="Held-out documents per language to score.")
+
+
+class StorageConfig(Config):
+    """Where runs live: `{root}/{run_id}/{stage}/`."""
+
+    root: str = Field(description="Local path or s3:// / gs:// URI; credentials come from the environment.")
+
+
+class JobSpec(Config):
+    """A whole elo-ray job: models, storage, resources and the five stages."""
+
+    run_id: str | None = Field(None, description="Default run id; `--run-id` overrides (date templates allowed).")
+    storage: StorageConfig
+    model: ModelConfig
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    pretrain: PretrainStage
+    merge: MergeStage = Field(default_factory=MergeStage)
+    align: AlignStage = Field(default_factory=AlignStage)
+    instruct: InstructStage = Field(default_factory=lambda: InstructStage(enabled=False))
+    eval: EvalStage = Field(default_factory=EvalStage)
+
+    @model_validator(mode="after")
+    def _stage_inputs(self) -> "JobSpec":
+        if self.instruct.enabled and self.instruct.sft_enabled and self.instruct.data is None:
+            raise ValueError("instruct.data is required when instruct.sft_enabled is true")
+        return self
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class SpecError(ValueError):
+    """A job spec is invalid; `problems` holds one actionable line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """YAML key path -> 1-based line, so errors can say where."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    """The config class that owns the mapping at `path` (for "did you mean")."""
+    cls: Any = JobSpec
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        cls = next((a for a in _flatten(ann) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return None
+    return cls
+
+
+def _flatten(ann) -> list:
+    args = getattr(ann, "__args__", None)
+    if not args:
+        return [ann]
+    out = []
+    for a in args:
+        out.extend(_flatten(a))
+    return out
+
+
+def _problems(err: ValidationError, lines: dict[tuple, int]) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        line = lines.get(loc) or next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+        where = f"line {line}: " if line else ""
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc[:-1])
+            names = list(owner.model_fields) if owner else []
+            close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(names)}" if names else "")
+            out.append(f"{where}{key}: unknown key{hint}")
+        elif e["type"] == "missing":
+            out.append(f"{where}{key}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            value = e.get("input")
+            shown = f" (got {value!r})" if not isinstance(value, (dict, list)) and value is not None else ""
+            out.append(f"{where}{key}: {msg}{shown}")
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], YAML-parsed value)."""
+    if "=" not in item:
+        raise SpecError("--set", [f"{item!r}: expected key.path=value, e.g. pretrain.train.lr=1e-5"])
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            if isinstance(node, list) and part.isdigit():
+                node = node[int(part)]
+                continue
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+        if isinstance(node, list) and path[-1].isdigit():
+            node[int(path[-1])] = value
+        else:
+            node[path[-1]] = value
+    return raw
+
+
+def spec_from_dict(raw: Any, source: str = "spec", lines: dict[tuple, int] | None = None) -> JobSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(source, ["the spec must be a YAML mapping of keys (storage, model, pretrain, ...)"])
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError(source, _problems(e, lines or {})) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
+    """Read, override and validate a YAML job spec; raises `SpecError` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(str(path), [f"no such file: {path}"])
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise SpecError(str(path), [f"{where}not valid YAML: {getattr(e, 'problem', e)}"]) from None
+    raw = apply_overrides(raw if isinstance(raw, dict) else raw, list(overrides))
+    return spec_from_dict(raw, str(path), _key_lines(text))
+
+
+def spec_to_yaml(spec: JobSpec) -> str:
+    """The resolved spec, every default filled in, as YAML."""
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def resolve_weights(weights: dict[str, float] | None, languages: list[str]) -> dict[str, float]:
+    """Normalised per-language token shares; default English 1 : others 9 (split equally)."""
+    langs = sorted(set(languages))
+    if weights is None:
+        others = [lang for lang in langs if lang != "en"]
+        if "en" in langs and others:
+            weights = {"en": 1.0, **{lang: 9.0 / len(others) for lang in others}}
+        else:
+            weights = {lang: 1.0 for lang in langs}
+    unknown = sorted(set(weights) - set(langs))
+    if unknown:
+        raise ValueError(f"weights name languages with no source: {unknown}; sources have {langs}")
+    if any(w < 0 for w in weights.values()):
+        raise ValueError(f"weights must not be negative, got {weights}")
+    total = sum(weights.get(lang, 0.0) for lang in langs)
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {weights}")
+    return {lang: weights.get(lang, 0.0) / total for lang in langs}
