@@ -141,6 +141,23 @@ class PretrainStage(Config):
     data: DataConfig
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(method="elo"))
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _elo_method_default(cls, v):
+        if isinstance(v, dict) and "method" not in v:
+            return {**v, "method": "elo"}
+        return v
+
+    @field_validator("train")
+    @classmethod
+    def _elo_method_only(cls, v: TrainConfig) -> TrainConfig:
+        if v.method != "elo":
+            raise ValueError(
+                f"method must be elo here (got {v.method}): the pretrain stage trains the detached "
+                "layers; full and lora fine-tuning baselines run through benchmarks/throughput.py"
+            )
+        return v
+
     @field_validator("layers")
     @classmethod
     def _distinct(cls, v: list[int]) -> list[int]:
@@ -157,6 +174,12 @@ class MergeStage(Config):
     enabled: bool = True
 
 
+def _whole_model_method(v: TrainConfig) -> TrainConfig:
+    if v.method == "elo":
+        raise ValueError("method elo trains detached layers and belongs to pretrain; use full or lora here")
+    return v
+
+
 class AlignStage(Config):
     """Stage 3: brief full fine-tuning of the merged model on a bilingual set."""
 
@@ -164,6 +187,11 @@ class AlignStage(Config):
     data: DataConfig | None = Field(None, description="Alignment data; unset: the pretrain data.")
     max_tokens: int | None = Field(None, gt=0, description="Token budget when reusing the pretrain data.")
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("train")
+    @classmethod
+    def _whole_model(cls, v: TrainConfig) -> TrainConfig:
+        return _whole_model_method(v)
 
 
 class ChatVectorConfig(Config):
@@ -182,6 +210,11 @@ class InstructStage(Config):
     sft_enabled: bool = Field(True, description="Run instruction tuning after the chat vector.")
     data: ChatDataConfig | None = Field(None, description="Chat data; required when sft_enabled.")
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("train")
+    @classmethod
+    def _whole_model(cls, v: TrainConfig) -> TrainConfig:
+        return _whole_model_method(v)
 
 
 class EvalStage(Config):

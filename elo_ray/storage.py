@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 import posixpath
+import time
 import uuid
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -23,6 +24,35 @@ from fsspec.core import url_to_fs
 
 class StorageError(RuntimeError):
     """A storage location cannot be read or written; the message names the URI."""
+
+
+# Attempts for each storage call before giving up; the wait doubles from RETRY_WAIT_S.
+RETRIES = 4
+RETRY_WAIT_S = 0.5
+T = TypeVar("T")
+
+
+def retrying(what: str, uri: str, fn: Callable[[], T]) -> T:
+    """Run `fn`, retrying transient failures (connection, timeout, 5xx); then StorageError.
+
+    Missing objects and permission errors are not transient and raise at once.
+    """
+    wait = RETRY_WAIT_S
+    for attempt in range(1, RETRIES + 1):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
+            raise
+        except (OSError, ConnectionError, TimeoutError) as e:
+            if attempt == RETRIES:
+                raise StorageError(
+                    f"{what} {uri} failed after {RETRIES} attempts: {type(e).__name__}: {e}. "
+                    "Check that the storage endpoint is reachable and the credentials in the "
+                    "environment allow this."
+                ) from e
+            time.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
 
 
 def has_scheme(uri: str) -> bool:
@@ -55,7 +85,7 @@ def join(uri: str, *parts: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    return retrying("checking", uri, lambda: fs.exists(path))
 
 
 def listdir(uri: str) -> list[str]:
@@ -69,7 +99,7 @@ def listdir(uri: str) -> list[str]:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     try:
-        return fs.cat_file(path)
+        return retrying("reading", uri, lambda: fs.cat_file(path))
     except FileNotFoundError as e:
         raise StorageError(f"{uri} does not exist") from e
 
@@ -90,7 +120,7 @@ def write_bytes(uri: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         return
-    fs.pipe_file(path, data)
+    retrying("writing", uri, lambda: fs.pipe_file(path, data))
 
 
 def write_text(uri: str, text: str) -> None:

@@ -1,0 +1,81 @@
+"""`builtin:` locations: what ships inside elo-ray, so the demo needs no downloads.
+
+- `builtin:corpus/<file>`: a file of the bundled bilingual corpus (`elo_ray/corpus/`).
+- `builtin:tiny-llama`: a small Llama built from a config with a fixed seed, with a tokenizer
+  trained on the bundled corpus. It is built once under `{storage_root}/_builtin/tiny-llama/`
+  and reused; the same elo-ray version always builds the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from elo_ray import storage
+
+PREFIX = "builtin:"
+CORPUS_DIR = Path(__file__).parent / "corpus"
+MODELS = ("tiny-llama",)
+BUILT_MARKER = ".built"  # written last: a model without it was interrupted and is rebuilt
+
+
+def is_builtin(uri: str | None) -> bool:
+    return bool(uri) and uri.startswith(PREFIX)
+
+
+def resolve(uri: str, storage_root: str) -> str:
+    """The real location of `uri`; non-builtin locations are returned unchanged."""
+    if not is_builtin(uri):
+        return uri
+    name = uri[len(PREFIX):]
+    if name.startswith("corpus/"):
+        path = CORPUS_DIR / name[len("corpus/"):]
+        if not any(CORPUS_DIR.glob(name[len("corpus/"):])):
+            known = ", ".join(sorted(p.name for p in CORPUS_DIR.glob("*.jsonl")))
+            raise ValueError(f"{uri}: no such bundled corpus file; bundled: {known}")
+        return str(path)
+    if name in MODELS:
+        out = storage.join(storage_root, "_builtin", name)
+        if not storage.exists(storage.join(out, BUILT_MARKER)):
+            _build_tiny_llama(out)
+        return out
+    raise ValueError(f"{uri}: unknown builtin; use builtin:corpus/<file> or one of {MODELS}")
+
+
+def corpus_texts(pattern: str = "*.jsonl") -> list[str]:
+    """Every text of the bundled corpus files matching `pattern` (chat files: every message)."""
+    texts = []
+    for path in sorted(CORPUS_DIR.glob(pattern)):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if "text" in row:
+                texts.append(row["text"])
+            texts.extend(m["content"] for m in row.get("messages", []))
+    return texts
+
+
+def _build_tiny_llama(out: str) -> None:
+    from elo_ray.tiny import tiny_config, tiny_model, train_tokenizer
+
+    tokenizer = train_tokenizer(corpus_texts(), vocab_size=2048)
+    config = tiny_config(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = tiny_model(config, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        storage.remove(out)
+        storage.upload(tmp, out)
+    storage.write_text(storage.join(out, BUILT_MARKER), "")

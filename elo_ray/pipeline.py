@@ -1,0 +1,283 @@
+"""The durable pipeline: stage order, run layout, manifests, skip and resume.
+
+A run lives at `{storage.root}/{run_id}/`:
+
+    spec.yaml              the resolved job spec (every default filled in)
+    {stage}/manifest.json  written LAST: the stage is committed (see manifest.py)
+    {stage}/model/         a stage's model output (HF checkpoint)
+    {stage}/ray/           Ray Train storage: checkpoints of a training stage (resume)
+    {stage}/work/          intermediate files, not outputs
+
+Rerunning the same spec and run id skips every stage whose manifest matches its config hash
+(the stage's settings plus the digests of its input manifests), resumes an interrupted
+training stage from its last Ray Train checkpoint (the Ray run name carries the config hash,
+so a changed config never resumes stale state), and reruns a changed stage and every stage
+after it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import yaml
+
+from elo_ray import manifest, storage
+from elo_ray.config import JobSpec, spec_to_yaml
+
+STAGE_ORDER = ("pretrain", "merge", "align", "instruct", "eval")
+MODEL_STAGES = ("merge", "align", "instruct")  # stages whose output is a whole model
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class PipelineError(RuntimeError):
+    """A run cannot go on; the message names the stage, the URI and what to do."""
+
+
+def log(message: str) -> None:
+    print(f"[elo-ray] {message}", flush=True)
+
+
+def resolve_run_id(template: str | None, now: dt.datetime | None = None) -> str:
+    """A run id from a template: `{date}` -> 2026-11-27, `{time}` -> 0530, `{datetime}` both.
+
+    Scheduled retraining passes e.g. `--run-id 'ko-{date}'` so that each day gets its own run
+    and a rerun on the same day resumes it.
+    """
+    if not template:
+        raise PipelineError("no run id: pass --run-id ID or set run_id in the spec")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    try:
+        run_id = template.format(
+            date=now.strftime("%Y-%m-%d"), time=now.strftime("%H%M"), datetime=now.strftime("%Y-%m-%dT%H%M")
+        )
+    except (KeyError, IndexError, ValueError) as e:
+        raise PipelineError(
+            f"run id template {template!r} is not valid ({e}); use {{date}}, {{time}} or {{datetime}}"
+        ) from None
+    if not _RUN_ID.match(run_id):
+        raise PipelineError(
+            f"run id {run_id!r} must start with a letter or digit and hold only letters, digits, '.', '_', '-'"
+        )
+    return run_id
+
+
+@dataclass
+class Run:
+    spec: JobSpec
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return storage.join(self.spec.storage.root, self.run_id)
+
+    def stage_uri(self, stage: str) -> str:
+        return storage.join(self.uri, stage)
+
+
+def enabled_stages(spec: JobSpec) -> list[str]:
+    return [s for s in STAGE_ORDER if getattr(spec, s).enabled]
+
+
+def check_stage_plan(spec: JobSpec) -> list[str]:
+    """Problems with the set of enabled stages (a stage without the input it needs)."""
+    problems = []
+    if spec.merge.enabled and not spec.pretrain.enabled:
+        problems.append("merge.enabled: merge needs pretrain; enable pretrain or disable merge")
+    if (spec.align.enabled or spec.instruct.enabled) and not spec.merge.enabled:
+        problems.append("merge.enabled: align and instruct train the merged model; enable merge")
+    if spec.instruct.enabled and not spec.instruct.sft_enabled and not (
+        spec.instruct.chat_vector.enabled and spec.model.instruct
+    ):
+        problems.append("instruct: nothing to do; set model.instruct for the chat vector or enable sft")
+    return problems
+
+
+def stage_inputs(spec: JobSpec, stage: str) -> list[str]:
+    """The earlier stages whose outputs `stage` reads."""
+    enabled = enabled_stages(spec)
+    before = [s for s in enabled if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
+    if stage == "pretrain":
+        return []
+    if stage == "merge":
+        return ["pretrain"]
+    if stage in ("align", "instruct"):
+        models = [s for s in before if s in MODEL_STAGES]
+        return models[-1:]
+    return [s for s in before if s in MODEL_STAGES]  # eval scores every model
+
+
+def config_hash(spec: JobSpec, stage: str, input_digests: dict[str, str]) -> str:
+    """What decides a stage's result: its settings, the models it starts from, its inputs.
+
+    Resources are left out on purpose: moving a run to more GPUs does not invalidate it.
+    """
+    return manifest.sha256_json(
+        {
+            "stage": stage,
+            "settings": getattr(spec, stage).model_dump(mode="json"),
+            "model": spec.model.model_dump(mode="json"),
+            "pretrain_data": spec.pretrain.data.model_dump(mode="json") if stage in ("align", "eval") else None,
+            "inputs": input_digests,
+        }
+    )
+
+
+@dataclass
+class StageResult:
+    """What a stage function returns: named output URIs (under its stage URI) and metrics."""
+
+    uris: dict[str, str] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    run: Run
+    stage: str
+    config_hash: str
+    inputs: dict[str, manifest.Manifest]
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.run.spec
+
+    @property
+    def uri(self) -> str:
+        return self.run.stage_uri(self.stage)
+
+    def input_model(self) -> str:
+        """The model URI of this stage's single model input."""
+        (m,) = self.inputs.values()
+        return m.uris["model"]
+
+
+StageFn = Callable[[StageContext], StageResult]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def store_spec(run: Run, overridden: bool) -> None:
+    """Keep the resolved spec once per run; refuse a different spec under the same run id."""
+    uri = storage.join(run.uri, "spec.yaml")
+    text = spec_to_yaml(run.spec)
+    if storage.exists(uri):
+        old = yaml.safe_load(storage.read_text(uri))
+        new = yaml.safe_load(text)
+        diffs = _differing_keys(old, new)
+        if diffs and not overridden:
+            raise PipelineError(
+                f"run {run.run_id} at {run.uri} was started with a different spec; differing keys: "
+                f"{', '.join(diffs)}. Use a new --run-id, or change keys with --set to rerun "
+                "from the first changed stage."
+            )
+        if not diffs:
+            return
+        log(f"spec changed by --set: {', '.join(diffs)}; changed stages and those after them rerun")
+    storage.write_text(uri, text)
+
+
+def _differing_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differing_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def run_pipeline(
+    spec: JobSpec,
+    run_id: str,
+    stage_fns: dict[str, StageFn],
+    stages: list[str] | None = None,
+    overridden: bool = False,
+) -> dict[str, manifest.Manifest]:
+    """Run (or skip) the asked stages in order; returns every committed manifest of the run."""
+    run = Run(spec, run_id)
+    problems = check_stage_plan(spec)
+    if problems:
+        raise PipelineError("; ".join(problems))
+    enabled = enabled_stages(spec)
+    asked = stages or enabled
+    unknown = [s for s in asked if s not in STAGE_ORDER]
+    if unknown:
+        raise PipelineError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGE_ORDER)}")
+    disabled = [s for s in asked if s not in enabled]
+    if disabled:
+        raise PipelineError(f"stage(s) {disabled} are disabled in the spec; enable them with --set {disabled[0]}.enabled=true")
+
+    store_spec(run, overridden)
+    log(f"run {run_id} at {run.uri}: stages {', '.join(asked)}")
+    done: dict[str, manifest.Manifest] = {}
+    for stage in enabled:
+        uri = run.stage_uri(stage)
+        inputs = {}
+        for name in stage_inputs(spec, stage):
+            if name not in done:
+                raise PipelineError(
+                    f"{stage} needs the output of {name}, which has no committed manifest at "
+                    f"{run.stage_uri(name)}; run --stages {name},{stage}"
+                )
+            inputs[name] = done[name]
+        chash = config_hash(spec, stage, {k: m.digest for k, m in inputs.items()})
+        current = manifest.read(uri)
+        if current is not None and current.config_hash == chash:
+            log(f"{stage}: complete (committed {current.finished_at}), skipped")
+            done[stage] = current
+            continue
+        if stage not in asked:
+            continue  # not asked and not committed: later stages that need it will say so
+        if current is not None:
+            log(f"{stage}: settings or inputs changed since {current.finished_at}; rerunning")
+            manifest.retract(uri)
+        log(f"{stage}: starting")
+        started, t0 = _now(), time.perf_counter()
+        ctx = StageContext(run=run, stage=stage, config_hash=chash, inputs=inputs)
+        try:
+            result = stage_fns[stage](ctx)
+        except storage.StorageError as e:
+            raise PipelineError(f"{stage}: {e}") from e
+        seconds = time.perf_counter() - t0
+        metrics = {"seconds": round(seconds, 3), **result.metrics}
+        m = manifest.Manifest(
+            stage=stage,
+            config_hash=chash,
+            inputs={k: v.digest for k, v in inputs.items()},
+            outputs=manifest.describe_outputs(uri, skip_dirs=("ray", "work")),
+            metrics=metrics,
+            started_at=started,
+            finished_at=_now(),
+            uris=result.uris,
+        )
+        manifest.commit(uri, m)
+        done[stage] = m
+        log(f"{stage}: complete in {seconds:.1f}s")
+    missing = [s for s in asked if s not in done]
+    if missing:
+        raise PipelineError(f"stage(s) {missing} did not complete")
+    return done
+
+
+def run_status(run_uri: str) -> dict[str, dict]:
+    """Each stage's state, duration and key metrics for `elo-ray status`."""
+    if not storage.exists(storage.join(run_uri, "spec.yaml")):
+        raise PipelineError(f"{run_uri} holds no elo-ray run (no spec.yaml); pass {{storage.root}}/{{run_id}}")
+    out = {}
+    for stage in STAGE_ORDER:
+        uri = storage.join(run_uri, stage)
+        m = manifest.read(uri)
+        if m is not None:
+            out[stage] = {"state": "complete", "seconds": m.metrics.get("seconds"), "finished_at": m.finished_at,
+                          "metrics": m.metrics, "uris": m.uris}
+        elif storage.exists(uri):
+            out[stage] = {"state": "started (no manifest)"}
+        else:
+            out[stage] = {"state": "not started"}
+    return out
+
