@@ -310,13 +310,15 @@ def _flatten(ann) -> list:
     return out
 
 
-def _problems(err: ValidationError, lines: dict[tuple, int]) -> list[str]:
+def _problems(err: ValidationError, lines: dict[tuple, int], overridden: set[tuple] = frozenset()) -> list[str]:
     out = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc) or "(top level)"
         line = lines.get(loc) or next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
         where = f"line {line}: " if line else ""
+        if any(loc[: len(o)] == o for o in overridden):
+            where = "--set "
         if e["type"] == "extra_forbidden":
             owner = _model_at(loc[:-1])
             names = list(owner.model_fields) if owner else []
@@ -363,13 +365,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def spec_from_dict(raw: Any, source: str = "spec", lines: dict[tuple, int] | None = None) -> JobSpec:
+def spec_from_dict(
+    raw: Any, source: str = "spec", lines: dict[tuple, int] | None = None, overridden: set[tuple] = frozenset()
+) -> JobSpec:
     if not isinstance(raw, dict):
         raise SpecError(source, ["the spec must be a YAML mapping of keys (storage, model, pretrain, ...)"])
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as e:
-        raise SpecError(source, _problems(e, lines or {})) from None
+        raise SpecError(source, _problems(e, lines or {}, overridden)) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
@@ -384,8 +388,10 @@ def load_spec(path: str | Path, overrides: list[str] = ()) -> JobSpec:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise SpecError(str(path), [f"{where}not valid YAML: {getattr(e, 'problem', e)}"]) from None
-    raw = apply_overrides(raw if isinstance(raw, dict) else raw, list(overrides))
-    return spec_from_dict(raw, str(path), _key_lines(text))
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, list(overrides))
+    overridden = {tuple(int(k) if k.isdigit() else k for k in parse_override(o)[0]) for o in overrides}
+    return spec_from_dict(raw, str(path), _key_lines(text), overridden)
 
 
 def spec_to_yaml(spec: JobSpec) -> str:
