@@ -32,6 +32,17 @@ RETRY_WAIT_S = 0.5
 T = TypeVar("T")
 
 
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    errors: tuple[type[BaseException], ...] = (OSError, ConnectionError, TimeoutError)
+    try:  # s3fs lets botocore's connection errors through unwrapped
+        from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+
+        errors += (BotoConnectionError, HTTPClientError)
+    except ImportError:
+        pass
+    return errors
+
+
 def retrying(what: str, uri: str, fn: Callable[[], T]) -> T:
     """Run `fn`, retrying transient failures (connection, timeout, 5xx); then StorageError.
 
@@ -43,7 +54,7 @@ def retrying(what: str, uri: str, fn: Callable[[], T]) -> T:
             return fn()
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, StorageError):
             raise
-        except (OSError, ConnectionError, TimeoutError) as e:
+        except _transient_errors() as e:
             if attempt == RETRIES:
                 raise StorageError(
                     f"{what} {uri} failed after {RETRIES} attempts: {type(e).__name__}: {e}. "

@@ -1,0 +1,182 @@
+"""The durable pipeline's rules, with stage functions that write small files to real storage
+(local and moto's S3). The real stages run end to end in test_demo.py."""
+
+import datetime as dt
+import json
+
+import pytest
+
+from elo_ray import manifest, pipeline, storage
+from elo_ray.config import spec_from_dict
+
+
+def make_spec(root, **changes):
+    raw = {
+        "storage": {"root": root},
+        "model": {"base": "/models/base"},
+        "pretrain": {"data": {"sources": [{"uri": "/d/en.jsonl", "language": "en"}]}},
+        "instruct": {"enabled": False},
+    }
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return spec_from_dict(raw)
+
+
+class Recorder:
+    """Stage functions that record their calls and write one output file each."""
+
+    def __init__(self):
+        self.calls = []
+
+    def fns(self):
+        def make(stage):
+            def fn(ctx):
+                self.calls.append(stage)
+                inputs = {k: storage.read_text(m.uris["model"] + "/weights.txt") for k, m in ctx.inputs.items()}
+                out = storage.join(ctx.uri, "model")
+                storage.write_text(storage.join(out, "weights.txt"), f"{stage}<-{json.dumps(inputs, sort_keys=True)}")
+                return pipeline.StageResult(uris={"model": out}, metrics={"steps": 3})
+            return fn
+        return {s: make(s) for s in pipeline.STAGE_ORDER}
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "runs")
+    return request.getfixturevalue("s3_bucket") + "/runs"
+
+
+def test_first_run_commits_every_stage_with_checksums(root):
+    rec = Recorder()
+    done = pipeline.run_pipeline(make_spec(root), "r1", rec.fns())
+    assert rec.calls == ["pretrain", "merge", "align", "eval"]
+    m = manifest.read(storage.join(root, "r1", "merge"))
+    assert m.inputs == {"pretrain": done["pretrain"].digest}
+    [out] = m.outputs
+    body = storage.read_bytes(storage.join(root, "r1", "merge", "model", "weights.txt"))
+    import hashlib
+    assert out == {"path": "model/weights.txt", "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert m.metrics["steps"] == 3 and m.metrics["seconds"] >= 0
+    assert set(m.versions) == {"elo_ray", "torch", "ray", "transformers", "python"}
+    assert "pretrain" in storage.read_text(storage.join(root, "r1", "spec.yaml"))
+
+
+def test_rerun_skips_committed_stages(root):
+    rec = Recorder()
+    pipeline.run_pipeline(make_spec(root), "r1", rec.fns())
+    rec.calls.clear()
+    pipeline.run_pipeline(make_spec(root), "r1", rec.fns())
+    assert rec.calls == []
+
+
+def test_config_change_reruns_that_stage_and_every_later_one(tmp_path):
+    root = str(tmp_path)
+    rec = Recorder()
+    pipeline.run_pipeline(make_spec(root), "r1", rec.fns())
+    rec.calls.clear()
+    pipeline.run_pipeline(make_spec(root, **{"align.train": {"lr": 1e-5}}), "r1", rec.fns(), overridden=True)
+    assert rec.calls == ["align", "eval"]
+    rec.calls.clear()
+    pipeline.run_pipeline(make_spec(root, **{"pretrain.layers": [0, 1]}), "r1", rec.fns(), overridden=True)
+    assert rec.calls == ["pretrain", "merge", "align", "eval"]
+
+
+def test_stage_output_without_manifest_is_never_consumed(tmp_path):
+    root = str(tmp_path)
+    rec = Recorder()
+    pipeline.run_pipeline(make_spec(root), "r1", rec.fns(), stages=["pretrain"])
+    # a merge that died after writing its model but before committing
+    storage.write_text(storage.join(root, "r1", "merge", "model", "weights.txt"), "half-written")
+    with pytest.raises(pipeline.PipelineError, match="align needs the output of merge, which has no committed manifest"):
+        pipeline.run_pipeline(make_spec(root), "r1", rec.fns(), stages=["align"])
+    rec.calls.clear()
+    pipeline.run_pipeline(make_spec(root), "r1", rec.fns())
+    assert rec.calls == ["merge", "align", "eval"]
+    assert storage.read_text(storage.join(root, "r1", "merge", "model", "weights.txt")).startswith("merge<-")
+
+
+def test_failed_stage_commits_nothing_and_rerun_retries_it(tmp_path):
+    root = str(tmp_path)
+    rec = Recorder()
+    fns = rec.fns()
+
+    def broken(ctx):
+        storage.write_text(storage.join(ctx.uri, "model", "weights.txt"), "partial")
+        raise RuntimeError("worker died")
+
+    with pytest.raises(RuntimeError, match="worker died"):
+        pipeline.run_pipeline(make_spec(root), "r1", {**fns, "align": broken})
+    assert manifest.read(storage.join(root, "r1", "align")) is None
+    assert pipeline.run_status(storage.join(root, "r1"))["align"] == {"state": "started (no manifest)"}
+    rec.calls.clear()
+    pipeline.run_pipeline(make_spec(root), "r1", fns)
+    assert rec.calls == ["align", "eval"]
+
+
+def test_same_run_id_with_other_spec_is_refused_naming_keys(tmp_path):
+    root = str(tmp_path)
+    pipeline.run_pipeline(make_spec(root), "r1", Recorder().fns())
+    with pytest.raises(pipeline.PipelineError, match=r"differing keys: align.train.lr, pretrain.layers"):
+        pipeline.run_pipeline(make_spec(root, **{"pretrain.layers": [1, 2], "align.train": {"lr": 1.0}}), "r1",
+                              Recorder().fns())
+
+
+def test_status_reports_each_stage(tmp_path):
+    root = str(tmp_path)
+    pipeline.run_pipeline(make_spec(root), "r1", Recorder().fns(), stages=["pretrain", "merge"])
+    status = pipeline.run_status(storage.join(root, "r1"))
+    assert [s["state"] for s in status.values()] == ["complete", "complete", "not started", "not started", "not started"]
+    assert status["merge"]["metrics"]["steps"] == 3
+    with pytest.raises(pipeline.PipelineError, match="holds no elo-ray run"):
+        pipeline.run_status(str(tmp_path / "nothing"))
+
+
+def test_disabled_and_unknown_stages_are_errors(tmp_path):
+    spec = make_spec(str(tmp_path))
+    with pytest.raises(pipeline.PipelineError, match=r"stage\(s\) \['instruct'\] are disabled"):
+        pipeline.run_pipeline(spec, "r1", Recorder().fns(), stages=["instruct"])
+    with pytest.raises(pipeline.PipelineError, match=r"unknown stage\(s\) \['pretrian'\]"):
+        pipeline.run_pipeline(spec, "r1", Recorder().fns(), stages=["pretrian"])
+    with pytest.raises(pipeline.PipelineError, match="merge needs pretrain"):
+        pipeline.run_pipeline(make_spec(str(tmp_path), **{"pretrain.enabled": False}), "r1", Recorder().fns())
+
+
+def test_run_id_templates():
+    now = dt.datetime(2026, 11, 27, 5, 30, tzinfo=dt.timezone.utc)
+    assert pipeline.resolve_run_id("ko-{date}", now) == "ko-2026-11-27"
+    assert pipeline.resolve_run_id("ko-{datetime}", now) == "ko-2026-11-27T0530"
+    with pytest.raises(pipeline.PipelineError, match="use {date}, {time} or {datetime}"):
+        pipeline.resolve_run_id("ko-{day}", now)
+    with pytest.raises(pipeline.PipelineError, match="must start with a letter or digit"):
+        pipeline.resolve_run_id("../escape", now)
+
+
+def test_storage_that_stops_answering_fails_with_stage_and_uri(tmp_path, monkeypatch):
+    """An S3 endpoint with nothing listening: retried, then the stage and URI are named."""
+    import socket
+    import s3fs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{dead}")
+    monkeypatch.setattr(storage, "RETRY_WAIT_S", 0.01)
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # s3fs's own retries, for speed
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+    spec = make_spec(str(tmp_path))
+
+    def writes_to_dead_s3(ctx):
+        storage.write_text("s3://bucket/x/model.bin", "x")
+
+    try:
+        with pytest.raises(pipeline.PipelineError, match=r"pretrain: writing s3://bucket/x/model.bin failed after 4 attempts"):
+            pipeline.run_pipeline(spec, "r1", {**Recorder().fns(), "pretrain": writes_to_dead_s3})
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert manifest.read(storage.join(str(tmp_path), "r1", "pretrain")) is None
