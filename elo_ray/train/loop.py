@@ -1,0 +1,298 @@
+"""The worker loop: the one training loop of every stage, run by Ray Train in each worker.
+
+A stage differs only in what `LoopConfig` names: the model (a detached ELO model, or the full
+merged model), the trainable parameters (`train.method`), the data (`reader`) and the
+hyper-parameters (`train`). Per optimizer step the loop:
+
+1. takes `grad_accum` micro-batches from the reader and checks they fit the model (collective:
+   every rank learns of a bad batch on any rank, so they stop together);
+2. runs forward/backward with the causal-LM loss summed over the label tokens (labels -100
+   carry no loss) and divided by the step's label tokens on all ranks, so that accumulation and
+   data parallelism give the same gradient as one big batch;
+3. clips the gradient norm, stops on a NaN/inf loss or norm *before* the update (so no checkpoint
+   of a bad state exists), steps AdamW and the schedule;
+4. every `log_every` steps reports metrics to Ray Train and prints a progress line; every
+   `checkpoint_every` steps (and at the end) saves a sharded checkpoint.
+
+At the end it exports the trained model as a HF checkpoint at `output_uri`. Errors that a retry
+cannot fix (`TrainingError`) end every worker cleanly and are recorded in `error.json` in the
+run's storage, from which `run_training` raises them on the driver.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import ray.train
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from elo_ray import storage
+from elo_ray.config import TrainConfig
+from elo_ray.train import checkpoint, export, metrics
+from elo_ray.train import model as model_lib
+from elo_ray.train.errors import DivergedError, TrainingError
+from elo_ray.train.optim import build_optimizer, build_scheduler
+from elo_ray.train.reader import Batch, BatchReader
+
+ERROR_FILE = "error.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class LoopConfig:
+    """Everything a worker needs to run a stage (pickled to every worker)."""
+
+    train: TrainConfig
+    model_uri: str  # HF checkpoint to start from (local path or URI)
+    output_uri: str  # where the trained model is exported
+    run_uri: str  # the run's storage: {storage_uri}/{name}; metrics.jsonl and error.json live here
+    reader: BatchReader
+    total_steps: int  # optimizer steps of the schedule (the run may stop earlier when data ends)
+    extra_metrics_uri: str | None = None  # a second copy of metrics.jsonl (e.g. the stage's directory)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point: `TorchTrainer(train_loop_per_worker, train_loop_config={"loop": ...})`."""
+    loop: LoopConfig = config["loop"]
+    worker = Worker(loop)
+    try:
+        worker.run()
+    except TrainingError as e:
+        # Raised on every rank at the same point (checks are collective): end cleanly so that
+        # Ray Train does not retry what cannot succeed, and leave the reason for the driver.
+        if worker.rank == 0:
+            worker.log.write()
+            record = {"type": type(e).__name__, "message": str(e), "step": getattr(e, "step", None)}
+            storage.write_text(storage.join(loop.run_uri, ERROR_FILE), json.dumps(record))
+
+
+class Worker:
+    """One rank's view of the stage: model shard, optimizer, data position, metrics."""
+
+    def __init__(self, loop: LoopConfig):
+        self.loop = loop
+        self.train = loop.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_rank = ctx.get_local_rank()
+        self.device = ray.train.torch.get_device()
+        self.log = metrics.MetricsLog(storage.join(loop.run_uri, METRICS_FILE))
+
+    # ------------------------------------------------------------------ set-up
+
+    def run(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        t = self.train
+        torch.manual_seed(t.seed)
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        self.model_dir = model_lib.fetch(self.loop.model_uri, self.local_rank)
+        self.stage = model_lib.build(self.model_dir, t, self.device, mesh)
+        self.model = self.stage.module
+        self.config = self.stage.config
+        self.optimizer = build_optimizer(self.model, t, self.device)
+        self.scheduler = build_scheduler(self.optimizer, t, self.loop.total_steps)
+        self.fingerprint = checkpoint.fingerprint(self.model, self.config, t.method, self.world)
+        mp = model_lib.mixed_precision(t.precision, self.device)
+        self.compute_dtype = mp.param_dtype if mp is not None else torch.float32
+        self.peak = metrics.peak_tflops(self.device, self.compute_dtype)
+
+        saved = checkpoint.restore(self.model, self.optimizer, self.fingerprint)
+        self.step = saved["step"] if saved else 0
+        self.consumed = saved["consumed"] if saved else 0
+        self.lang_tokens = collections.Counter(saved["lang_tokens"][self.rank] if saved else {})
+        self.tokens_total = saved["tokens_total"] if saved else 0
+        if saved:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.resumed_from = self.step
+        self.last_checkpoint = self.step if saved else None
+        self.log = metrics.MetricsLog.resume(self.log.uri, self.step) if self.rank == 0 else self.log
+        if self.rank == 0:
+            what = f"resuming from step {self.step}" if saved else "starting"
+            print(f"[elo-ray] {t.method}: {what}; {len(self.stage.trainable)} trainable tensors, "
+                  f"{self.loop.total_steps} steps, {self.world} worker(s) on {self.device.type}", flush=True)
+        self.train_steps()
+        export.export(self.model, self.model_dir, self.loop.output_uri)
+        if self.rank == 0:
+            self.log.write(self.loop.extra_metrics_uri)
+            print(f"[elo-ray] exported {self.loop.output_uri}", flush=True)
+
+    # ------------------------------------------------------------------ training
+
+    def train_steps(self) -> None:
+        t = self.train
+        batches = iter(self.loop.reader.batches(t.micro_batch_size, skip=self.consumed))
+        interval = _Interval()
+        while self.step < self.loop.total_steps:
+            micro = [b for _, b in zip(range(t.grad_accum), batches)]
+            if len(micro) < t.grad_accum:  # every worker yields the same count: all stop here
+                if self.step == 0:
+                    raise TrainingError(
+                        f"the data stream ended before the first step: fewer than grad_accum={t.grad_accum} "
+                        f"micro-batches of {t.micro_batch_size} sequences per worker; add data or lower them"
+                    )
+                break
+            loss, grad_norm, tokens, label_tokens, seq_len = self.optimizer_step(micro)
+            self.step += 1
+            self.consumed += t.grad_accum
+            self.tokens_total += tokens
+            flops = tokens * metrics.train_flops_per_token(self.config, t.method, seq_len, t.lora_rank)
+            interval.add(loss * label_tokens, label_tokens, tokens, flops, grad_norm)
+            done = self.step == self.loop.total_steps
+            report = None
+            if self.step % t.log_every == 0 or done:
+                report = self.interval_metrics(interval)
+                interval = _Interval()
+            if self.step % t.checkpoint_every == 0 or done:
+                interval.exclude(self.save(report or {"step": self.step}))
+            elif report is not None:
+                ray.train.report(report)
+        if self.last_checkpoint != self.step:  # the data ended between checkpoints
+            report = self.interval_metrics(interval) if interval.steps else {"step": self.step}
+            self.save({**report, "stopped": "data_exhausted"})
+
+    def optimizer_step(self, micro: list[Batch]) -> tuple[float, float, int, int, int]:
+        """One optimizer step over `micro`; returns (loss, grad norm, tokens, label tokens, seq len)."""
+        t = self.train
+        self.check_batches(micro)
+        counts = torch.tensor(
+            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), sum(b["input_ids"].numel() for b in micro)],
+            dtype=torch.float64, device=self.device,
+        )
+        dist.all_reduce(counts)
+        label_tokens, tokens = int(counts[0]), int(counts[1])
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b in micro:
+            input_ids = b["input_ids"].to(self.device, non_blocking=True)
+            labels = b["labels"].to(self.device, non_blocking=True)
+            # Predict token i+1 at position i; the last position has nothing to predict.
+            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+            logits = self.model(input_ids=input_ids).logits
+            summed = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+            # FSDP averages gradients over ranks; scale so the result is the mean over all label tokens.
+            (summed * (self.world / max(label_tokens, 1))).backward()
+            loss_sum += summed.detach()
+            for lang, n in b.get("tokens", {}).items():
+                self.lang_tokens[lang] += int(n)
+        dist.all_reduce(loss_sum)
+        loss = float(loss_sum) / max(label_tokens, 1)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            kept = (f"the last good checkpoint is step {self.last_checkpoint}" if self.last_checkpoint
+                    else "no checkpoint was saved before it")
+            raise DivergedError(
+                f"training diverged at step {self.step + 1}: loss {loss}, grad norm {grad_norm}; {kept} "
+                f"(nothing of the bad state is saved). Lower train.lr or raise warmup_steps, then run again.",
+                step=self.step + 1,
+            )
+        self.lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, tokens, label_tokens, micro[0]["input_ids"].shape[1]
+
+    def check_batches(self, micro: list[Batch]) -> None:
+        """Stop every rank when any rank's batch does not fit the model."""
+        longest = max(b["input_ids"].shape[1] for b in micro)
+        highest = max(int(b["input_ids"].max()) for b in micro)
+        lowest = min(int(b["input_ids"].min()) for b in micro)
+        mismatched = max(int(b["labels"].shape != b["input_ids"].shape) for b in micro)
+        worst = torch.tensor([longest, highest, -lowest, mismatched], dtype=torch.int64, device=self.device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        longest, highest, lowest, mismatched = worst.tolist()
+        where = f"a batch of step {self.step + 1}"
+        max_pos = getattr(self.config, "max_position_embeddings", None)
+        if max_pos is not None and longest > max_pos:
+            raise TrainingError(
+                f"{where} has sequences of {longest} tokens, longer than the model's "
+                f"max_position_embeddings {max_pos}; set data.seq_len to at most {max_pos}"
+            )
+        if highest >= self.config.vocab_size or -lowest < 0:
+            bad = highest if highest >= self.config.vocab_size else -lowest
+            raise TrainingError(
+                f"{where} has token id {bad}, outside the model's vocabulary of {self.config.vocab_size}; "
+                f"the data was tokenized with a tokenizer that does not belong to this model"
+            )
+        if mismatched:
+            raise TrainingError(f"{where} has labels of another shape than input_ids; labels must align with input_ids")
+
+    # ------------------------------------------------------------------ metrics and checkpoints
+
+    def interval_metrics(self, interval: "_Interval") -> dict:
+        """Metrics of the steps since the last report; collective (every rank calls it)."""
+        elapsed = max(interval.elapsed(), 1e-9)
+        peak_mem = torch.tensor([metrics.peak_memory_gb(self.device)], device=self.device)
+        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+        langs = [None] * self.world
+        dist.all_gather_object(langs, dict(self.lang_tokens))
+        tflops = interval.flops / elapsed / self.world / 1e12
+        m = {
+            "step": self.step,
+            "loss": interval.loss_sum / max(interval.label_tokens, 1),
+            "lr": self.lr,
+            "grad_norm": interval.grad_norm,
+            "tokens_per_s": interval.tokens / elapsed,
+            "tflops_per_worker": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "peak_memory_gb": float(peak_mem),
+            "tokens_total": self.tokens_total,
+            "resumed_from_step": self.resumed_from,
+            "total_steps": self.loop.total_steps,
+            **{f"tokens_{k}": v for k, v in sorted(sum(map(collections.Counter, langs), collections.Counter()).items())},
+        }
+        if self.rank == 0:
+            self.log.append(m)
+            print("[elo-ray] " + metrics.progress_line(m, self.loop.total_steps), flush=True)
+        return m
+
+    def save(self, report: dict) -> float:
+        """Save a checkpoint of this step with `report` attached; returns the seconds it took."""
+        began = time.perf_counter()
+        langs = [None] * self.world
+        dist.all_gather_object(langs, dict(self.lang_tokens))
+        state = {
+            "step": self.step,
+            "consumed": self.consumed,
+            "tokens_total": self.tokens_total,
+            "lang_tokens": langs,
+            "scheduler": self.scheduler.state_dict(),
+            "fingerprint": self.fingerprint,
+        }
+        if self.rank == 0:
+            self.log.write(self.loop.extra_metrics_uri)
+        checkpoint.save(self.model, self.optimizer, state, report)
+        self.last_checkpoint = self.step
+        return time.perf_counter() - began
+
+
+class _Interval:
+    """Sums over the steps between two metric reports; checkpoint time is excluded."""
+
+    def __init__(self):
+        self.loss_sum = self.label_tokens = self.tokens = self.flops = self.excluded = 0.0
+        self.steps = 0
+        self.grad_norm = float("nan")
+        self.start = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def add(self, loss_sum: float, label_tokens: int, tokens: int, flops: float, grad_norm: float) -> None:
+        self.loss_sum += loss_sum
+        self.label_tokens += label_tokens
+        self.tokens += tokens
+        self.flops += flops
+        self.grad_norm = grad_norm
+        self.steps += 1

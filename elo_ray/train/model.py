@@ -1,0 +1,288 @@
+"""Build the model of a stage: config -> trainable set -> FSDP2 shards -> weights, tensor by tensor.
+
+The model is built with its parameters on the meta device (buffers real, so that rotary
+tables and the like keep their computed values), sharded with `fully_shard` per decoder layer
+and then the root, and only then materialised: each rank reads from the safetensors files just
+the rows of each tensor that it owns. No rank ever holds the whole model.
+
+Which parameters train (`TrainConfig.method`):
+- elo:  the decoder layers (`model.layers.*`) of a detached ELO model; embedding, final norm
+        and head stay frozen copies of the original.
+- full: every parameter.
+- lora: peft LoRA adapters on every linear layer of the decoder; the base model is frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from elo_ray import storage
+from elo_ray.config import TrainConfig
+from elo_ray.train.errors import TrainingError
+
+PEFT_PREFIX = "base_model.model."
+
+
+def fetch(model_uri: str, local_rank: int = 0) -> str:
+    """A local directory holding the checkpoint at `model_uri`, downloaded once per node.
+
+    Local paths are used in place. Remote ones are cached under the temp dir, keyed by the URI
+    and every file's size and modification tag, so a rewritten checkpoint is fetched again.
+    Collective when torch.distributed is initialised (the other ranks wait for local rank 0)."""
+    import torch.distributed as dist
+
+    if not storage.has_scheme(model_uri):
+        return model_uri.removeprefix("file://")
+    fs, root = storage.filesystem(model_uri)
+    infos = sorted((i["name"], i.get("size"), str(i.get("ETag") or i.get("LastModified") or i.get("mtime")))
+                   for i in fs.ls(root, detail=True) if i.get("type") == "file")
+    if not infos:
+        raise TrainingError(f"{model_uri} is empty or does not exist: expected a Hugging Face checkpoint")
+    key = hashlib.sha1(json.dumps([model_uri, infos]).encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), "elo-ray-models", key)
+    if local_rank == 0 and not os.path.isfile(os.path.join(local, ".complete")):
+        partial = f"{local}.partial-{os.getpid()}"
+        storage.download(model_uri, partial, names=[os.path.basename(n) for n, _, _ in infos])
+        open(os.path.join(partial, ".complete"), "w").close()
+        shutil.rmtree(local, ignore_errors=True)
+        os.replace(partial, local)
+    if dist.is_initialized():
+        dist.barrier()
+    return local
+
+
+def read_config(model_dir: str):
+    """The HF config of the checkpoint in the local directory `model_dir`."""
+    import transformers
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise TrainingError(f"{model_dir} has no config.json: expected a Hugging Face checkpoint directory")
+    return transformers.AutoConfig.from_pretrained(model_dir)
+
+
+def check_fits(config, method: str, seq_len: int, micro_batch_size: int) -> None:
+    """Errors before any training for shapes and methods the model cannot take."""
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise TrainingError(
+            f"seq_len {seq_len} is longer than the model's max_position_embeddings {max_pos}; "
+            f"set data.seq_len to at most {max_pos}"
+        )
+    if micro_batch_size < 1:
+        raise TrainingError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
+    if method == "elo" and getattr(config, "elo_layers", None) is None:
+        raise TrainingError(
+            "method 'elo' trains a detached ELO model, but this checkpoint's config has no "
+            "elo_layers; detach the layers first (surgery.save_detached) or use method 'full'"
+        )
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Create parameters on the meta device and buffers for real (rotary tables keep values)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            meta.__dict__.update(param.__dict__)
+            module._parameters[name] = meta
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a HF causal LM, also under a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(base.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TrainingError(f"cannot find the decoder layers of {type(base).__name__} (expected model.layers)")
+    return layers
+
+
+def build_meta(config, train: TrainConfig) -> nn.Module:
+    """The stage's model with parameters on meta and `requires_grad` set by the method."""
+    import transformers
+
+    with _params_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if train.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.method == "lora":
+            import peft
+
+            lora = peft.LoraConfig(
+                r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=0.0,
+                target_modules="all-linear", task_type="CAUSAL_LM",
+            )
+            model = peft.get_peft_model(model, lora)
+    if train.method == "elo":
+        layer_params = {id(p) for p in decoder_layers(model).parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in layer_params)
+    elif train.method == "full":
+        model.requires_grad_(True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise TrainingError(
+            f"method {train.method!r} leaves no trainable parameters in this model "
+            f"({config.num_hidden_layers} decoder layers); check the checkpoint and the method"
+        )
+    return model
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def checkpoint_name(param_name: str) -> str | None:
+    """The tensor name in the HF checkpoint for a parameter; None for LoRA adapters."""
+    if ".lora_" in param_name:
+        return None
+    return param_name.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+
+
+def mixed_precision(precision: str, device: torch.device):
+    """bf16 compute with fp32 gradient reduction (GPU default), or None for plain fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def shard(model: nn.Module, mesh, mp_policy) -> None:
+    """FSDP2: one unit per decoder layer, then the root (embedding, norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsDir:
+    """Tensors of a HF safetensors checkpoint, read lazily (rows at a time) from mmap'd files."""
+
+    def __init__(self, model_dir: str):
+        from safetensors import safe_open
+
+        index = os.path.join(model_dir, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+            weight_map = None
+        else:
+            raise TrainingError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self._files = {name: safe_open(os.path.join(model_dir, name), framework="pt") for name in files}
+        self._where = weight_map or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._files[self._where[name]].get_slice(name).get_dtype()
+        return _SAFETENSORS_DTYPES[code]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._files[self._where[name]].get_slice(name).get_shape())
+
+    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
+        piece = self._files[self._where[name]].get_slice(name)
+        return piece[start:end] if piece.get_shape() else piece[:]
+
+
+def local_rows(param: torch.Tensor) -> tuple[int, int]:
+    """[start, end) rows of dim 0 that this rank holds of an FSDP2 (Shard(0)) parameter."""
+    from torch.distributed.tensor import DTensor
+
+    n = param.shape[0] if param.dim() else 0
+    if not isinstance(param, DTensor):
+        return 0, n
+    world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+    size = math.ceil(n / world)
+    start = min(rank * size, n)
+    return start, min(start + size, n)
+
+
+def _lora_init(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
+    """peft's default init (A: kaiming-uniform, B: zeros), reproducible per name and seed."""
+    full = torch.zeros(shape)
+    if ".lora_A." in name:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=gen)
+    return full
+
+
+@torch.no_grad()
+def materialise(model: nn.Module, model_dir: str, device: torch.device, seed: int) -> None:
+    """Allocate the sharded parameters on `device` and fill each rank's rows from the checkpoint."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    for name, buf in model.named_buffers():
+        buf.copy_(buffers[name])
+    source = SafetensorsDir(model_dir)
+    available = set(source.names())
+    for name, param in model.named_parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        start, end = local_rows(param)
+        key = checkpoint_name(name)
+        if key is None:
+            local.copy_(_lora_init(name, param.shape, seed)[start:end])
+            continue
+        if key not in available:
+            raise TrainingError(f"{model_dir}: checkpoint has no tensor {key!r} that the model needs")
+        if source.shape(key) != list(param.shape):
+            raise TrainingError(
+                f"{model_dir}: tensor {key!r} has shape {source.shape(key)}, the model expects {list(param.shape)}"
+            )
+        local.copy_(source.rows(key, start, end))
+
+
+@dataclass
+class StageModel:
+    """A sharded, materialised model and what the loop needs to know about it."""
+
+    module: nn.Module
+    config: object
+    trainable: list[str]
+    num_layers: int
+
+
+def build(model_dir: str, train: TrainConfig, device: torch.device, mesh) -> StageModel:
+    """The stage's model, sharded over `mesh`, with weights from `model_dir`."""
+    config = read_config(model_dir)
+    model = build_meta(config, train)
+    shard(model, mesh, mixed_precision(train.precision, device))
+    materialise(model, model_dir, device, train.seed)
+    model.train()
+    return StageModel(model, config, trainable_names(model), len(decoder_layers(model)))
