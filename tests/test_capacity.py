@@ -1,0 +1,294 @@
+"""Memory estimates: parameter counts against real models, activation bytes against the tensors a
+real bf16 forward saves, Llama-3.1-8B numbers, and the warnings `elo-ray validate` prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from elo_ray.capacity import (
+    GIB,
+    ClusterOffer,
+    NodeGroup,
+    estimate_memory,
+    head_activation_bytes,
+    layer_activation_bytes,
+    memory_warnings,
+    param_counts,
+    resource_warnings,
+)
+from elo_ray.config import load_spec, spec_from_dict
+from elo_ray.tiny import ARCHITECTURES, tiny_config, tiny_model
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+def llama31_8b(num_hidden_layers: int = 32) -> transformers.PretrainedConfig:
+    """The published Llama-3.1-8B config, the parts memory depends on."""
+    return transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+    )
+
+
+def qwen2_7b() -> transformers.PretrainedConfig:
+    return transformers.Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False,
+    )
+
+
+def mistral_7b_v03() -> transformers.PretrainedConfig:
+    return transformers.MistralConfig(
+        vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
+    )
+
+
+def make_spec(num_workers=8, use_gpu=True, seq_len=8192, align_ckpt=False, align_mb=1, pretrain_mb=1, **extra):
+    raw = {
+        "storage": {"root": "s3://bucket/runs"},
+        "model": {"base": "s3://bucket/models/base"},
+        "resources": {"num_workers": num_workers, "use_gpu": use_gpu},
+        "pretrain": {
+            "data": {"sources": [{"uri": "s3://bucket/ko/*.jsonl", "language": "ko"}], "seq_len": seq_len},
+            "train": {"method": "elo", "micro_batch_size": pretrain_mb},
+        },
+        "align": {"train": {"activation_checkpointing": align_ckpt, "micro_batch_size": align_mb}},
+        **extra,
+    }
+    return spec_from_dict(raw)
+
+
+def by_stage(spec, config, gpu=80.0):
+    return {m.stage: m for m in estimate_memory(spec, config, gpu)}
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_param_count_equals_numel_of_the_real_model(arch, tied):
+    config = tiny_config(arch, tie_word_embeddings=tied)
+    model = tiny_model(config)
+    assert param_counts(config).total == sum(p.numel() for p in model.parameters())
+
+
+def test_param_count_includes_llama_attention_and_mlp_biases():
+    config = tiny_config("llama", attention_bias=True, mlp_bias=True)
+    assert param_counts(config).total == sum(p.numel() for p in tiny_model(config).parameters())
+
+
+def test_llama31_8b_has_8_03b_parameters():
+    counts = param_counts(llama31_8b())
+    assert counts.embedding == counts.head == 128256 * 4096 == 525_336_576
+    assert counts.layer == 218_112_000
+    assert counts.total == 8_030_261_248
+
+
+def test_qwen2_7b_and_mistral_7b_match_their_published_sizes():
+    assert param_counts(qwen2_7b()).total == 7_615_616_512
+    assert param_counts(mistral_7b_v03()).total == 7_248_023_552
+
+
+def test_elo_model_has_embedding_two_layers_and_head():
+    counts = param_counts(llama31_8b())
+    assert counts.with_layers(2) == 2 * 525_336_576 + 2 * 218_112_000 + 4096
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def saved_bytes(config, seq: int = 256, checkpointing: bool = False) -> int:
+    """Bytes of the tensors autograd saves in a bf16 forward with labels (parameters excluded)."""
+    model = tiny_model(config).to(torch.bfloat16).train()
+    if checkpointing:
+        model.config.use_cache = False
+        # transformers 5.x renamed gradient_checkpointing_enable; the train loop uses either.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+    ids = torch.randint(0, config.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def bench_config(arch: str, layers: int):
+    return tiny_config(
+        arch, vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+    )
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_layer_activation_bytes_equal_what_a_bf16_layer_saves(arch):
+    seq = 256
+    per_layer = (saved_bytes(bench_config(arch, 4), seq) - saved_bytes(bench_config(arch, 2), seq)) / 2 / seq
+    expected = layer_activation_bytes(bench_config(arch, 2), compute_bytes=2, seq_len=seq)
+    # Llama, Mistral and the Qwens to the byte; Gemma within its per-model masks' few bytes.
+    assert per_layer == pytest.approx(expected, rel=2e-3)
+
+
+def test_checkpointed_layer_keeps_only_its_bf16_input():
+    seq = 256
+    two, four = (saved_bytes(bench_config("llama", n), seq, checkpointing=True) for n in (2, 4))
+    assert (four - two) / 2 / seq == 2 * 256  # one bf16 hidden state (hidden 256) per token
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
+def test_head_activation_bytes_cover_what_the_head_and_loss_save(arch):
+    seq, config = 256, bench_config(arch, 2)
+    head = saved_bytes(config, seq) / seq - 2 * layer_activation_bytes(config, 2, seq)
+    # What forward saves; the rest of the estimate is the logits' backward peak: bf16 logits
+    # held by the caller and the fp32 gradients of log-probs and logits, (2 + 4 + 4) bytes each.
+    assert head == pytest.approx(head_activation_bytes(config, 2) - 10 * config.vocab_size, rel=1e-2)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def test_llama31_8b_on_8_gpus_is_in_the_expected_range():
+    m = by_stage(make_spec(pretrain_mb=1), llama31_8b())
+    # ELO pretraining: 1.5B parameters of which 0.44B train; the 128K-vocabulary logits dominate.
+    assert m["pretrain"].params == 1_486_901_248 and m["pretrain"].trainable == 2 * 218_112_000
+    assert 15 < m["pretrain"].total_gib < 30
+    # Full fine-tuning: 16 bytes per parameter over 8 GPUs, about 15 GiB of model state.
+    align = m["align"]
+    assert align.optimizer_gib == pytest.approx(8_030_261_248 * 8 / 8 / GIB)
+    assert 14 < align.weights_gib + align.grads_gib + align.optimizer_gib < 25
+    # 8192 tokens through 32 layers without checkpointing: more than an 80 GB GPU holds.
+    assert 55 < align.activations_gib < 75
+    assert align.total_gib > 80
+
+
+def test_activation_checkpointing_brings_full_fine_tuning_under_80_gib():
+    off = by_stage(make_spec(align_ckpt=False), llama31_8b())["align"]
+    on = by_stage(make_spec(align_ckpt=True), llama31_8b())["align"]
+    assert on.activations_gib < off.activations_gib / 3
+    assert 30 < on.total_gib < 50
+
+
+def test_activations_grow_linearly_with_micro_batch():
+    one = by_stage(make_spec(align_mb=1), llama31_8b())["align"]
+    two = by_stage(make_spec(align_mb=2), llama31_8b())["align"]
+    assert two.activations_gib == pytest.approx(2 * one.activations_gib)
+
+
+def test_elo_pretraining_memory_depends_on_detached_layers_not_on_depth():
+    shallow = by_stage(make_spec(), llama31_8b())
+    deep = by_stage(make_spec(), llama31_8b(num_hidden_layers=80))
+    assert deep["pretrain"].total_gib == pytest.approx(shallow["pretrain"].total_gib)
+    assert deep["align"].total_gib > 2 * shallow["align"].total_gib
+
+
+def test_twice_the_gpus_halves_the_sharded_optimizer_state():
+    eight = by_stage(make_spec(num_workers=8), llama31_8b())["align"]
+    sixteen = by_stage(make_spec(num_workers=16), llama31_8b())["align"]
+    assert sixteen.optimizer_gib == pytest.approx(eight.optimizer_gib / 2)
+    assert sixteen.activations_gib == pytest.approx(eight.activations_gib)
+
+
+def test_only_enabled_training_stages_are_estimated():
+    assert [m.stage for m in estimate_memory(make_spec(), llama31_8b(), 80)] == ["pretrain", "align"]
+    no_align = make_spec(align={"enabled": False})
+    assert [m.stage for m in estimate_memory(no_align, llama31_8b(), 80)] == ["pretrain"]
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def test_warning_names_the_stage_the_numbers_and_the_fix():
+    spec = make_spec(align_ckpt=False)
+    m = by_stage(spec, llama31_8b())["align"]
+    assert memory_warnings(spec, llama31_8b(), 80.0, "A100-80GB") == [
+        f"align: estimated {m.total_gib:.1f} GiB per GPU (weights {m.weights_gib:.1f}, grads "
+        f"{m.grads_gib:.1f}, optimizer {m.optimizer_gib:.1f}, activations {m.activations_gib:.1f}, "
+        f"other 2.0) exceeds the 80 GiB of an A100-80GB; turn on align.train.activation_checkpointing"
+    ]
+    assert m.total_gib == pytest.approx(85.5, abs=0.1)
+
+
+def test_no_warning_when_every_stage_fits():
+    assert memory_warnings(make_spec(align_ckpt=True), llama31_8b(), 80.0, "H100-80GB") == []
+
+
+def test_cpu_runs_get_no_gpu_memory_warnings():
+    assert memory_warnings(make_spec(use_gpu=False, num_workers=1), llama31_8b(), 80.0) == []
+
+
+def test_with_checkpointing_on_the_warning_points_at_micro_batch_or_seq_len():
+    spec = make_spec(align_ckpt=True, align_mb=2)
+    (line,) = memory_warnings(spec, llama31_8b(), 40.0, "A100-40GB")
+    assert line.startswith("align: estimated ")
+    assert "exceeds the 40 GiB of an A100-40GB" in line
+    assert "lower align.train.micro_batch_size (now 2)" in line
+    lines = memory_warnings(make_spec(align_ckpt=True, seq_len=16384), llama31_8b(), 40.0, "A100-40GB")
+    (line,) = [w for w in lines if w.startswith("align:")]
+    assert "lower pretrain.data.seq_len (now 16384)" in line  # align reuses the pretrain data
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("llama3.1-8b-korean", llama31_8b()),
+        ("llama3.1-8b-japanese", llama31_8b()),
+        ("qwen2-7b-korean", qwen2_7b()),
+        ("mistral-7b-v0.3-korean", mistral_7b_v03()),
+    ],
+)
+def test_paper_recipes_fit_80gb_gpus(name, config):
+    spec = load_spec(JOBS / f"{name}.yaml")
+    assert [m.stage for m in estimate_memory(spec, config, 80)] == ["pretrain", "align", "instruct"]
+    assert memory_warnings(spec, config, 80.0, "H100-80GB") == []
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def gpu_offer(nodes=1, gpus=8, cpus=96):
+    return ClusterOffer("c.yaml", [NodeGroup("head", 0, 1, 16), NodeGroup("gpu", gpus, nodes, cpus, "H100-80GB")])
+
+
+def test_spec_that_fits_the_cluster_gets_no_resource_warning():
+    assert resource_warnings(make_spec(num_workers=8), gpu_offer(nodes=1)) == []
+    assert resource_warnings(make_spec(num_workers=16), gpu_offer(nodes=2)) == []
+
+
+def test_more_workers_than_the_cluster_has_gpus_is_named_with_numbers():
+    (line,) = resource_warnings(make_spec(num_workers=16), gpu_offer(nodes=1))
+    assert line == (
+        "resources.num_workers is 16 but c.yaml offers at most 8 GPUs (gpu: 1 nodes x 8 GPUs); "
+        "lower num_workers to 8 or let the cluster grow to 2 nodes of 8 GPUs"
+    )
+
+
+def test_workers_that_leave_gpus_of_a_node_idle_are_named():
+    (line,) = resource_warnings(make_spec(num_workers=12), gpu_offer(nodes=2))
+    assert "12 on nodes of 8 GPUs: 2 node(s) with 4 GPU(s) idle" in line
+
+
+def test_use_gpu_false_on_a_gpu_cluster_and_true_on_a_cpu_cluster_are_named():
+    (idle,) = resource_warnings(make_spec(use_gpu=False), gpu_offer(nodes=2))
+    assert "resources.use_gpu is false but c.yaml offers up to 16 GPUs" in idle
+    cpu_only = ClusterOffer("cpu.yaml", [NodeGroup("head", 0, 1, 16), NodeGroup("cpu", 0, 4, 32)])
+    (stuck,) = resource_warnings(make_spec(use_gpu=True), cpu_only)
+    assert "resources.use_gpu is true but cpu.yaml offers no GPU worker" in stuck
+
+
+def test_more_cpus_per_worker_than_a_node_has_is_named():
+    spec = make_spec(num_workers=8)
+    spec.resources.cpus_per_worker = 16
+    (line,) = resource_warnings(spec, gpu_offer(nodes=1, cpus=96))
+    assert "needs 128 CPUs but a node of c.yaml has 96" in line
