@@ -308,7 +308,6 @@ def _stage_memory(
     train: TrainConfig,
     seq_len: int,
     num_layers: int,
-    elo_layers: int,
     spec: JobSpec,
     model_config: Any,
     gpu_memory_gib: float,
@@ -321,8 +320,8 @@ def _stage_memory(
     lora = 0
     if train.method == "full":
         trainable, root_trainable = params, counts.root
-    elif train.method == "elo":
-        trainable, root_trainable = min(elo_layers, num_layers) * counts.layer, 0
+    elif train.method == "elo":  # every decoder layer of the stage's model trains (train/model.py)
+        trainable, root_trainable = num_layers * counts.layer, 0
     else:
         lora = _lora_params(d, train.lora_rank, num_layers)
         trainable, root_trainable = lora, 0
@@ -376,13 +375,13 @@ def estimate_memory(spec: JobSpec, model_config: Any, gpu_memory_gib: float) -> 
     out = []
     if spec.pretrain.enabled:
         _, s = _seq_len_key("pretrain", spec)
-        out.append(_stage_memory("pretrain", spec.pretrain.train, s, elo, elo, spec, model_config, gpu_memory_gib))
+        out.append(_stage_memory("pretrain", spec.pretrain.train, s, elo, spec, model_config, gpu_memory_gib))
     if spec.align.enabled:
         _, s = _seq_len_key("align", spec)
-        out.append(_stage_memory("align", spec.align.train, s, full, elo, spec, model_config, gpu_memory_gib))
+        out.append(_stage_memory("align", spec.align.train, s, full, spec, model_config, gpu_memory_gib))
     if spec.instruct.enabled and spec.instruct.sft_enabled:
         _, s = _seq_len_key("instruct", spec)
-        out.append(_stage_memory("instruct", spec.instruct.train, s, full, elo, spec, model_config, gpu_memory_gib))
+        out.append(_stage_memory("instruct", spec.instruct.train, s, full, spec, model_config, gpu_memory_gib))
     return out
 
 

@@ -292,3 +292,16 @@ def test_more_cpus_per_worker_than_a_node_has_is_named():
     spec.resources.cpus_per_worker = 16
     (line,) = resource_warnings(spec, gpu_offer(nodes=1, cpus=96))
     assert "needs 128 CPUs but a node of c.yaml has 96" in line
+
+
+def test_lora_trainable_parameters_equal_what_peft_adds():
+    import peft
+
+    config = tiny_config("qwen2")
+    spec = make_spec(align={"train": {"method": "lora", "lora_rank": 4}})
+    model = peft.get_peft_model(
+        tiny_model(config), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+    align = by_stage(spec, config)["align"]
+    assert align.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert align.params == sum(p.numel() for p in model.parameters())
