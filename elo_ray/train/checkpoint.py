@@ -31,6 +31,9 @@ from elo_ray.train.errors import CheckpointMismatchError
 
 STATE_FILE = "train_state.json"
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Frozen parameters are not in checkpoints (they come from the input checkpoint), so loading is
+# not strict; `mismatches` has already checked that the trainable ones agree.
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def fingerprint(model: nn.Module, config, method: str, world_size: int) -> dict:
@@ -114,8 +117,8 @@ def restore(model: nn.Module, optimizer, expected: dict) -> dict | None:
             )
         state = _state(model, optimizer)
         dcp.load(state, checkpoint_id=local)
-        set_model_state_dict(model, state["model"], options=_OPTIONS)
-        set_optimizer_state_dict(model, optimizer, state["optim"], options=_OPTIONS)
+        set_model_state_dict(model, state["model"], options=_LOAD_OPTIONS)
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=_LOAD_OPTIONS)
         return train_state
     finally:
         shutil.rmtree(local, ignore_errors=True)

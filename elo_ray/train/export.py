@@ -125,6 +125,12 @@ def export(model: nn.Module, model_dir: str, output_uri: str, max_shard_bytes: i
     fs, root = storage.filesystem(output_uri)
     if rank == 0:
         fs.makedirs(root, exist_ok=True)
+        # A re-export first removes what marks a checkpoint (config.json goes back last), so
+        # that a half-rewritten directory never looks like a finished one.
+        for old in fs.ls(root, detail=False) if fs.exists(root) else []:
+            base = old.rstrip("/").rsplit("/", 1)[-1]
+            if base == "config.json" or (base.startswith("model") and ".safetensors" in base):
+                fs.rm(old)
     for name, group in zip(names, groups):
         f = fs.open(f"{root}/{name}", "wb") if rank == 0 else None
         try:

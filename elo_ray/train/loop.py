@@ -160,7 +160,7 @@ class Worker:
     def optimizer_step(self, micro: list[Batch]) -> tuple[float, float, int, int, int]:
         """One optimizer step over `micro`; returns (loss, grad norm, tokens, label tokens, seq len)."""
         t = self.train
-        self.check_batches(micro)
+        check_batches(micro, self.config, self.step + 1, self.device)
         counts = torch.tensor(
             [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), sum(b["input_ids"].numel() for b in micro)],
             dtype=torch.float64, device=self.device,
@@ -199,31 +199,6 @@ class Worker:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, tokens, label_tokens, micro[0]["input_ids"].shape[1]
-
-    def check_batches(self, micro: list[Batch]) -> None:
-        """Stop every rank when any rank's batch does not fit the model."""
-        longest = max(b["input_ids"].shape[1] for b in micro)
-        highest = max(int(b["input_ids"].max()) for b in micro)
-        lowest = min(int(b["input_ids"].min()) for b in micro)
-        mismatched = max(int(b["labels"].shape != b["input_ids"].shape) for b in micro)
-        worst = torch.tensor([longest, highest, -lowest, mismatched], dtype=torch.int64, device=self.device)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        longest, highest, lowest, mismatched = worst.tolist()
-        where = f"a batch of step {self.step + 1}"
-        max_pos = getattr(self.config, "max_position_embeddings", None)
-        if max_pos is not None and longest > max_pos:
-            raise TrainingError(
-                f"{where} has sequences of {longest} tokens, longer than the model's "
-                f"max_position_embeddings {max_pos}; set data.seq_len to at most {max_pos}"
-            )
-        if highest >= self.config.vocab_size or -lowest < 0:
-            bad = highest if highest >= self.config.vocab_size else -lowest
-            raise TrainingError(
-                f"{where} has token id {bad}, outside the model's vocabulary of {self.config.vocab_size}; "
-                f"the data was tokenized with a tokenizer that does not belong to this model"
-            )
-        if mismatched:
-            raise TrainingError(f"{where} has labels of another shape than input_ids; labels must align with input_ids")
 
     # ------------------------------------------------------------------ metrics and checkpoints
 
@@ -272,6 +247,32 @@ class Worker:
         checkpoint.save(self.model, self.optimizer, state, report)
         self.last_checkpoint = self.step
         return time.perf_counter() - began
+
+
+def check_batches(micro: list[Batch], config, step: int, device: torch.device) -> None:
+    """Raise `TrainingError` on every rank when any rank's batch of `step` does not fit the model."""
+    longest = max(b["input_ids"].shape[1] for b in micro)
+    highest = max(int(b["input_ids"].max()) for b in micro)
+    lowest = min(int(b["input_ids"].min()) for b in micro)
+    mismatched = max(int(b["labels"].shape != b["input_ids"].shape) for b in micro)
+    worst = torch.tensor([longest, highest, -lowest, mismatched], dtype=torch.int64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    longest, highest, lowest, mismatched = worst[0].item(), worst[1].item(), -worst[2].item(), worst[3].item()
+    where = f"a batch of step {step}"
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and longest > max_pos:
+        raise TrainingError(
+            f"{where} has sequences of {longest} tokens, longer than the model's "
+            f"max_position_embeddings {max_pos}; set data.seq_len to at most {max_pos}"
+        )
+    if highest >= config.vocab_size or lowest < 0:
+        bad = highest if highest >= config.vocab_size else lowest
+        raise TrainingError(
+            f"{where} has token id {bad}, outside the model's vocabulary of {config.vocab_size}; "
+            f"the data was tokenized with a tokenizer that does not belong to this model"
+        )
+    if mismatched:
+        raise TrainingError(f"{where} has labels of another shape than input_ids; labels must align with input_ids")
 
 
 class _Interval:

@@ -17,10 +17,13 @@ import torch
 DATASET = "train"
 
 
-def learnable_rows(num_rows: int, seq_len: int, vocab_size: int, seed: int = 0, lang: str = "en") -> list[dict]:
-    """Rows a model can learn quickly: each sequence counts up from a random start, modulo the vocab."""
+def learnable_rows(
+    num_rows: int, seq_len: int, vocab_size: int, seed: int = 0, lang: str = "en", distinct: int = 2
+) -> list[dict]:
+    """Rows a model learns in a few steps: each counts up (modulo the vocabulary) from one of
+    `distinct` random starts."""
     rng = np.random.default_rng(seed)
-    starts = rng.integers(0, vocab_size, size=num_rows)
+    starts = rng.choice(rng.integers(0, vocab_size, size=distinct), size=num_rows)
     rows = []
     for s in starts:
         ids = ((int(s) + np.arange(seq_len)) % vocab_size).tolist()

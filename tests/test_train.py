@@ -1,0 +1,250 @@
+"""The training stage end to end: `run_training` on a real local Ray (2 CPU workers, FSDP2 over
+gloo), tiny models, local storage and moto's S3 endpoint. Each fit costs ~10-15 s, so one ELO
+run is shared by the tests that only read what it produced."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+import pytest
+import ray.cloudpickle
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from elo_ray import storage
+from elo_ray.config import ResourcesConfig, TrainConfig
+from elo_ray.tiny import tiny_config, tiny_model
+from elo_ray.train import CheckpointMismatchError, DivergedError, TrainingError, run_training
+from elo_ray.train.synthetic import RowsReader, learnable_rows, rows_plan
+
+# Workers unpickle the test's reader subclass by value: tests/ is not on their sys.path.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+VOCAB, SEQ, STEPS = 320, 32, 12
+ELO_TRAIN = dict(method="elo", lr=1e-2, warmup_steps=2, max_steps=STEPS, micro_batch_size=2,
+                 checkpoint_every=4, log_every=2, seed=0)
+WORKERS = ResourcesConfig(num_workers=2, cpus_per_worker=0.5, max_failures=1)
+
+
+def tensors(uri: str) -> dict[str, torch.Tensor]:
+    """All tensors of an exported checkpoint (local path or URI)."""
+    local = uri
+    if storage.has_scheme(uri):
+        local = storage.download(uri, os.path.join("/tmp", "elo-ray-test-" + uri.replace("/", "_")))
+    out = {}
+    for name in sorted(os.listdir(local)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(local, name)))
+    return out
+
+
+def checkpoint_keys(checkpoint_dir: str) -> list[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return sorted(FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tiny_tokenizer):
+    """A 4-layer base model and its ELO model (layers 0 and 3 detached), both with a tokenizer."""
+    root = tmp_path_factory.mktemp("models")
+    # initializer_range 0.2: a head strong enough that training two layers visibly lowers the loss
+    base = tiny_model(tiny_config(num_hidden_layers=4, vocab_size=VOCAB, initializer_range=0.2), seed=1)
+    base.save_pretrained(root / "base")
+    tiny_tokenizer.save_pretrained(root / "base")
+    config = tiny_config(num_hidden_layers=2, vocab_size=VOCAB, initializer_range=0.2)
+    config.elo_layers, config.elo_base_num_hidden_layers = [0, 3], 4
+    elo = tiny_model(config)
+    sd = base.state_dict()
+    elo.load_state_dict({k: sd[k.replace("model.layers.1.", "model.layers.3.")] for k in elo.state_dict()})
+    elo.save_pretrained(root / "elo")
+    tiny_tokenizer.save_pretrained(root / "elo")
+    return {"base": str(root / "base"), "elo": str(root / "elo"), "root": root}
+
+
+def train(models, name, storage_uri, output_uri, *, model="elo", rows=None, reader=None, **overrides):
+    plan = rows_plan(rows or learnable_rows(STEPS * 2 * 2, SEQ, VOCAB))
+    if reader is not None:
+        plan.reader = reader
+    return run_training(
+        name=name, model_uri=models[model], output_uri=output_uri, storage_uri=storage_uri,
+        train=TrainConfig(**{**ELO_TRAIN, **overrides}), resources=WORKERS, plan=plan, seq_len=SEQ,
+    )
+
+
+@pytest.fixture(scope="module")
+def elo_run(ray_local, models):
+    """ELO pretraining, uninterrupted, on local storage: 12 steps, checkpoints every 4."""
+    runs, out = models["root"] / "runs", models["root"] / "elo-out"
+    result = train(models, "elo", str(runs), str(out))
+    return {"result": result, "runs": runs, "out": str(out)}
+
+
+# --------------------------------------------------------------------------- ELO pretraining
+
+
+def test_elo_loss_decreases_on_a_learnable_stream(elo_run):
+    import json
+
+    records = [json.loads(line) for line in open(elo_run["result"].metrics_uri)]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+
+
+def test_elo_trains_only_the_detached_layers(elo_run, models):
+    before, after = tensors(models["elo"]), tensors(elo_run["out"])
+    assert sorted(after) == sorted(before)
+    for name in before:
+        if name.startswith("model.layers."):
+            assert not torch.equal(after[name], before[name]), f"{name} did not train"
+        else:  # embedding, final norm, head: frozen copies of the base
+            assert torch.equal(after[name], before[name]), f"{name} changed"
+
+
+def test_elo_checkpoint_holds_state_of_the_layers_only(elo_run):
+    ckpt = elo_run["runs"] / "elo" / f"checkpoint_{STEPS:08d}"
+    keys = checkpoint_keys(str(ckpt))
+    assert any(k.startswith("optim.state.model.layers.") for k in keys)
+    frozen = ("embed_tokens", "model.norm", "lm_head")
+    assert [k for k in keys if any(f in k for f in frozen)] == []
+    assert sorted(os.listdir(elo_run["runs"] / "elo")) == [
+        ".validate_storage_marker", "checkpoint_00000008", "checkpoint_00000012",
+        "checkpoint_manager_snapshot.json", "metrics.jsonl",
+    ]
+
+
+def test_elo_export_loads_with_from_pretrained_and_keeps_elo_layers_and_tokenizer(elo_run, models):
+    model = transformers.AutoModelForCausalLM.from_pretrained(elo_run["out"])
+    assert model.config.elo_layers == [0, 3] and model.config.num_hidden_layers == 2
+    tok = transformers.AutoTokenizer.from_pretrained(elo_run["out"])
+    assert tok("빠른 갈색 여우").input_ids == transformers.AutoTokenizer.from_pretrained(models["elo"])("빠른 갈색 여우").input_ids
+    ids = torch.tensor([list(range(10, 26))])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_elo_metrics_report_loss_lr_throughput_and_memory(elo_run):
+    m = elo_run["result"].metrics
+    assert elo_run["result"].steps == STEPS and elo_run["result"].resumed_from_step == 0
+    assert m["tokens_total"] == STEPS * 2 * 2 * SEQ == m["tokens_en"]
+    assert m["tokens_per_s"] > 0 and m["tflops_per_worker"] > 0 and m["peak_memory_gb"] > 0
+    assert m["mfu"] is None  # CPUs have no known peak
+    assert 0 < m["lr"] < 1e-2 and m["grad_norm"] > 0
+
+
+def test_exported_elo_model_merges_back_into_the_base(elo_run, models, tmp_path):
+    surgery = pytest.importorskip("elo_ray.surgery")
+    merged = surgery.merge(models["base"], elo_run["out"], str(tmp_path / "merged"))
+    got, base, elo = tensors(merged), tensors(models["base"]), tensors(elo_run["out"])
+    for name, t in got.items():
+        if name.startswith("model.layers.0."):
+            assert torch.equal(t, elo[name])
+        elif name.startswith("model.layers.3."):
+            assert torch.equal(t, elo[name.replace("layers.3.", "layers.1.")])
+        else:
+            assert torch.equal(t, base[name]), name
+
+
+# --------------------------------------------------------------------------- failures and resume
+
+
+class DyingReader(RowsReader):
+    """Kills worker rank 1 (os._exit) when it reaches micro-batch `die_at`, once per marker.
+
+    It waits a moment first: Ray Train's controller registers a reported checkpoint when it next
+    polls the workers, and a worker that dies within that poll loses the report."""
+
+    def __init__(self, inner: RowsReader, die_at: int, marker: str):
+        super().__init__(inner.num_rows, inner.seq_len, inner.dataset)
+        self.die_at, self.marker = die_at, marker
+
+    def batches(self, micro_batch_size, skip=0):
+        rank = ray.train.get_context().get_world_rank()
+        for i, b in enumerate(super().batches(micro_batch_size, skip), start=skip):
+            if i == self.die_at and rank == 1 and not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                time.sleep(2)
+                os._exit(1)
+            yield b
+
+
+def test_worker_killed_mid_run_resumes_on_s3_to_the_same_weights(elo_run, models, s3_bucket, tmp_path):
+    marker = str(tmp_path / "died")
+    inner = rows_plan(learnable_rows(STEPS * 2 * 2, SEQ, VOCAB)).reader
+    out = f"{s3_bucket}/elo-out"
+    result = train(models, "elo", f"{s3_bucket}/runs", out, reader=DyingReader(inner, die_at=5, marker=marker))
+    assert os.path.exists(marker), "the worker was not killed"
+    assert result.resumed_from_step == 4 and result.steps == STEPS
+    assert result.checkpoint_uri == f"{s3_bucket}/runs/elo/checkpoint_{STEPS:08d}"
+    resumed, uninterrupted = tensors(out), tensors(elo_run["out"])
+    assert sorted(resumed) == sorted(uninterrupted)
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+    lines = storage.read_text(f"{s3_bucket}/runs/elo/metrics.jsonl").splitlines()
+    assert len(lines) == STEPS // 2
+    assert transformers.AutoConfig.from_pretrained(storage.download(out, str(tmp_path / "dl"))).elo_layers == [0, 3]
+
+
+def test_resume_with_another_model_names_the_mismatch(elo_run, models, tmp_path):
+    config = tiny_config(num_hidden_layers=2, vocab_size=VOCAB, intermediate_size=48)
+    config.elo_layers = [0, 2]
+    tiny_model(config).save_pretrained(tmp_path / "other")
+    with pytest.raises(CheckpointMismatchError) as e:
+        run_training(
+            name="elo", model_uri=str(tmp_path / "other"), output_uri=str(tmp_path / "out"),
+            storage_uri=str(elo_run["runs"]), train=TrainConfig(**ELO_TRAIN), resources=WORKERS,
+            plan=rows_plan(learnable_rows(STEPS * 2 * 2, SEQ, VOCAB)), seq_len=SEQ,
+        )
+    message = str(e.value)
+    assert f"checkpoint_{STEPS:08d}" in message and "does not match the model" in message
+    assert "elo_layers: checkpoint [0, 3], model [0, 2]" in message
+    assert "model.layers.0.mlp.gate_proj.weight: checkpoint shape [64, 32], model shape [48, 32]" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(ray_local, models, tmp_path):
+    with pytest.raises(DivergedError) as e:
+        train(models, "nan", str(tmp_path), str(tmp_path / "out"), model="base", method="full", lr=1e30,
+              warmup_steps=0, checkpoint_every=1, log_every=1)
+    assert e.value.step == 2
+    assert "training diverged at step 2: loss nan" in str(e.value)
+    assert "the last good checkpoint is step 1" in str(e.value)
+    assert sorted(n for n in os.listdir(tmp_path / "nan") if n.startswith("checkpoint_0")) == ["checkpoint_00000001"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_batches_longer_than_the_model_takes_stop_the_run(ray_local, models, tmp_path):
+    rows = learnable_rows(8, 300, VOCAB)  # the model's max_position_embeddings is 256
+    with pytest.raises(TrainingError, match="a batch of step 1 has sequences of 300 tokens, longer than the "
+                                            "model's max_position_embeddings 256"):
+        train(models, "long", str(tmp_path), str(tmp_path / "out"), rows=rows)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def test_full_fine_tuning_trains_every_parameter(ray_local, models, tmp_path):
+    result = train(models, "full", str(tmp_path), str(tmp_path / "out"), model="base", method="full", lr=3e-3,
+                   max_steps=4, grad_accum=2, activation_checkpointing=True)
+    before, after = tensors(models["base"]), tensors(str(tmp_path / "out"))
+    assert sorted(after) == sorted(before)
+    assert [n for n in before if torch.equal(after[n], before[n])] == []
+    assert result.steps == 4 and result.metrics["tokens_total"] == 4 * 2 * 2 * 2 * SEQ
+
+
+def test_lora_trains_adapters_and_exports_them_merged(ray_local, models, tmp_path):
+    result = train(models, "lora", str(tmp_path), str(tmp_path / "out"), model="base", method="lora", lr=1e-2,
+                   max_steps=4)
+    before, after = tensors(models["base"]), tensors(str(tmp_path / "out"))
+    assert sorted(after) == sorted(before)  # merged: no adapter tensors left
+    linear = ("_proj.weight",)
+    for name in before:
+        changed = not torch.equal(after[name], before[name])
+        assert changed == name.endswith(linear), name
+    keys = checkpoint_keys(str(tmp_path / "lora" / "checkpoint_00000004"))
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys if k.startswith(("model.", "optim.state.")))
+    assert result.steps == 4

@@ -1,0 +1,244 @@
+"""The training engine's parts without Ray: schedule, FLOP counts, model building on a one-rank
+gloo group, the streamed safetensors export, LoRA merging, and the checks that run before training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from elo_ray.config import ResourcesConfig, TrainConfig
+from elo_ray.tiny import tiny_config, tiny_model
+from elo_ray.train import TrainingError, run_training
+from elo_ray.train import checkpoint, export, metrics
+from elo_ray.train import model as model_lib
+from elo_ray.train.loop import check_batches
+from elo_ray.train.optim import lr_factor
+from elo_ray.train.synthetic import RowsReader
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """torch.distributed with a single gloo rank, and its device mesh."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def elo_config(**kw):
+    config = tiny_config(num_hidden_layers=2, **kw)
+    config.elo_layers = [0, 3]
+    return config
+
+
+def saved(config, path, dtype=None) -> str:
+    model = tiny_model(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def full_state(module) -> dict[str, torch.Tensor]:
+    return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone() for n, t in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- schedule and FLOPs
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    f = [lr_factor(s, warmup_steps=4, total_steps=14, min_lr_ratio=0.1) for s in range(16)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == 1.0
+    assert f[9] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f[14] == pytest.approx(0.1) and f[15] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_flops_per_token_count_only_what_each_method_computes():
+    c = elo_config()  # d=32, 4 heads of 8 (2 kv), ff=64, V=256, 2 layers
+    p = 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 64  # q,o + k,v + gate,up,down
+    assert metrics.layer_matmul_params(c) == p
+    attention = 4 * 16 * 4 * 8
+    head = 2 * 32 * 256
+    assert metrics.train_flops_per_token(c, "elo", 16) == 2 * (6 * p + 3 * attention) + 2 * head
+    assert metrics.train_flops_per_token(c, "full", 16) == 2 * (6 * p + 3 * attention) + 3 * head
+    lora = 4 * (32 + 32) * 2 + 4 * (32 + 16) * 2 + 4 * (32 + 64) * 2 + 4 * (64 + 32)
+    assert metrics.lora_params_per_layer(c, 4) == lora
+    assert metrics.train_flops_per_token(c, "lora", 16, 4) == 2 * (4 * p + 3 * attention + 6 * lora) + 2 * head
+
+
+def test_elo_costs_a_fraction_of_full_on_a_llama_8b_shape():
+    llama8b = transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256,
+    )
+    elo = transformers.LlamaConfig(**{**llama8b.to_dict(), "num_hidden_layers": 2})
+    full = metrics.train_flops_per_token(llama8b, "full", 2048)
+    # 6N over every matrix that is multiplied (layers 6.98B + head 0.525B) + 12 L S d attention
+    assert full == pytest.approx(6 * (6.98e9 + 0.525e9) + 12 * 32 * 2048 * 4096, rel=0.01)
+    ratio = full / metrics.train_flops_per_token(elo, "elo", 2048)
+    assert 9 < ratio < 11
+
+
+def test_progress_line_shows_loss_throughput_mfu_and_memory():
+    m = {"step": 20, "loss": 2.5, "lr": 5e-6, "grad_norm": 0.8, "tokens_per_s": 12345.6,
+         "tflops_per_worker": 412.0, "mfu": 0.4166, "peak_memory_gb": 61.2}
+    assert metrics.progress_line(m, 100) == (
+        "step 20/100 loss 2.5000 lr 5e-06 grad_norm 0.8 12,346 tok/s 412 TFLOP/s/worker MFU 41.7% mem 61.20 GiB"
+    )
+
+
+# --------------------------------------------------------------------------- model building
+
+
+@pytest.mark.parametrize("method, trainable", [
+    ("elo", lambda n: n.startswith("model.layers.")),
+    ("full", lambda n: True),
+    ("lora", lambda n: ".lora_" in n),
+])
+def test_methods_choose_their_trainable_parameters(method, trainable):
+    model = model_lib.build_meta(elo_config(), TrainConfig(method=method))
+    names = [n for n, _ in model.named_parameters()]
+    assert model_lib.trainable_names(model) == [n for n in names if trainable(n)]
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_model_holds_the_checkpoint_weights_and_buffers(one_rank, tmp_path, tied):
+    config = tiny_config(num_hidden_layers=2, tie_word_embeddings=tied)
+    reference = tiny_model(config)
+    reference.save_pretrained(tmp_path)
+    stage = model_lib.build(str(tmp_path), TrainConfig(method="full"), torch.device("cpu"), one_rank)
+    got, want = full_state(stage.module), reference.state_dict()
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    for (name, buf), (_, ref) in zip(stage.module.named_buffers(), reference.named_buffers()):
+        assert torch.equal(buf, ref), name
+    ids = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(stage.module(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_lora_adapters_start_from_peft_init_reproducibly(one_rank, tmp_path):
+    path = saved(elo_config(), tmp_path)
+    a = model_lib.build(path, TrainConfig(method="lora", seed=3), torch.device("cpu"), one_rank).module
+    b = model_lib.build(path, TrainConfig(method="lora", seed=3), torch.device("cpu"), one_rank).module
+    sa, sb = full_state(a), full_state(b)
+    lora_a = [n for n in sa if ".lora_A." in n]
+    lora_b = [n for n in sa if ".lora_B." in n]
+    assert len(lora_a) == len(lora_b) == 14
+    assert all(torch.equal(sa[n], sb[n]) for n in sa)
+    assert all(sa[n].abs().sum() > 0 for n in lora_a) and all(sa[n].abs().sum() == 0 for n in lora_b)
+
+
+# --------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_streams_shards_that_from_pretrained_loads(tmp_path, dtype):
+    source = saved(elo_config(), tmp_path / "in", dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    (tmp_path / "in" / "tokenizer.json").write_text("{}")
+    names = export.export(model, source, str(tmp_path / "out"), max_shard_bytes=20_000)
+    assert len(names) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == "{}"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    original = transformers.AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    assert loaded.config.elo_layers == [0, 3]
+    for name, tensor in original.state_dict().items():
+        assert loaded.state_dict()[name].dtype == dtype
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_export_merges_lora_adapters_as_peft_does(tmp_path):
+    import peft
+
+    source = saved(elo_config(), tmp_path / "in")
+    base = transformers.AutoModelForCausalLM.from_pretrained(source)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch.manual_seed(0)
+    for name, p in lora.named_parameters():
+        if ".lora_B." in name:
+            p.data.normal_()
+    export.export(lora, source, str(tmp_path / "out"))
+    expected = lora.merge_and_unload().state_dict()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert sorted(loaded) == sorted(expected)
+    for name in expected:
+        torch.testing.assert_close(loaded[name], expected[name], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- checks before and during training
+
+
+class Plan:
+    datasets, dataset_config = {}, None
+    reader = RowsReader(num_rows=64, seq_len=32)
+
+
+def run_rejected(tmp_path, config, train: TrainConfig, seq_len: int = 32):
+    path = saved(config, tmp_path / "model")
+    return run_training(
+        name="rejected", model_uri=path, output_uri=str(tmp_path / "out"), storage_uri=str(tmp_path / "runs"),
+        train=train, resources=ResourcesConfig(num_workers=2), plan=Plan(), seq_len=seq_len,
+    )
+
+
+def test_sequence_longer_than_the_position_table_is_rejected_before_training(tmp_path):
+    with pytest.raises(TrainingError, match="seq_len 512 is longer than the model's max_position_embeddings 256"):
+        run_rejected(tmp_path, elo_config(), TrainConfig(method="elo"), seq_len=512)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_model_without_trainable_parameters_is_rejected(tmp_path):
+    config = tiny_config(num_hidden_layers=0)
+    config.elo_layers = []
+    with pytest.raises(TrainingError, match="method 'elo' leaves no trainable parameters in this model"):
+        run_rejected(tmp_path, config, TrainConfig(method="elo"))
+
+
+def test_elo_method_needs_a_detached_checkpoint(tmp_path):
+    with pytest.raises(TrainingError, match="config has no elo_layers; detach the layers first"):
+        run_rejected(tmp_path, tiny_config(num_hidden_layers=4), TrainConfig(method="elo"))
+
+
+def test_stream_shorter_than_one_step_is_rejected(tmp_path):
+    with pytest.raises(TrainingError, match="64 sequences, fewer than one step needs \\(2 workers x micro_batch_size 8 x grad_accum 8\\)"):
+        run_rejected(tmp_path, elo_config(), TrainConfig(method="elo", micro_batch_size=8, grad_accum=8))
+
+
+def batch(ids):
+    ids = torch.tensor(ids)
+    return {"input_ids": ids, "labels": ids.clone(), "tokens": {"en": ids.numel()}}
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([[1] * 300], "a batch of step 7 has sequences of 300 tokens, longer than the model's max_position_embeddings 256"),
+    ([[1, 2, 256]], "a batch of step 7 has token id 256, outside the model's vocabulary of 256"),
+    ([[1, -5, 2]], "a batch of step 7 has token id -5, outside the model's vocabulary of 256"),
+])
+def test_batches_that_do_not_fit_the_model_stop_training(one_rank, ids, message):
+    with pytest.raises(TrainingError, match=message):
+        check_batches([batch([[1, 2, 3]]), batch(ids)], elo_config(), 7, torch.device("cpu"))
+    check_batches([batch([[1, 2, 255]])], elo_config(), 7, torch.device("cpu"))
+
+
+def test_checkpoint_mismatch_names_every_difference():
+    saved_fp = {"method": "elo", "world_size": 2, "num_hidden_layers": 2, "elo_layers": [0, 3],
+                "params": {"model.layers.0.mlp.up_proj.weight": [64, 32], "model.layers.1.old.weight": [4]}}
+    current = {"method": "elo", "world_size": 2, "num_hidden_layers": 2, "elo_layers": [0, 2],
+               "params": {"model.layers.0.mlp.up_proj.weight": [48, 32], "model.layers.1.new.weight": [4]}}
+    assert checkpoint.mismatches(saved_fp, current) == [
+        "elo_layers: checkpoint [0, 3], model [0, 2]",
+        "parameters not in the checkpoint: model.layers.1.new.weight",
+        "checkpoint parameters not in the model: model.layers.1.old.weight",
+        "model.layers.0.mlp.up_proj.weight: checkpoint shape [64, 32], model shape [48, 32]",
+    ]
+    assert checkpoint.mismatches(saved_fp, saved_fp) == []
