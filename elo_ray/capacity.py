@@ -14,23 +14,27 @@ key-value heads, d head_dim, q = nh*d, kv = nkv*d):
     head        V*h, or 0 when `tie_word_embeddings`
 Llama-3.1-8B: 525.3M + 32 * 218.1M + 4096 + 525.3M = 8.03B.
 
-Memory per GPU of one stage, as elo_ray/train builds it: fp32 parameters sharded by FSDP2 over
-N = resources.num_workers GPUs (one unit per decoder layer, one root unit for the rest), bf16
-compute through FSDP's mixed precision, AdamW. P the stage model's parameters, T the trainable
-ones, c bytes per compute element (bf16: 2, fp32: 4):
+Memory per GPU of one stage at its peak, as elo_ray/train builds the stage: fp32 parameters
+sharded by FSDP2 over N = resources.num_workers GPUs (one unit per decoder layer, one root unit
+for the rest), bf16 compute through FSDP's mixed precision, AdamW. P the stage model's
+parameters, T the trainable ones, c bytes per compute element (bf16: 2, fp32: 4):
     weights      P*4/N fp32 shards (they are AdamW's master weights), plus the copies FSDP
                  gathers whole in compute precision: the root unit (embedding, final norm, head),
                  which stays gathered through forward and backward, and two decoder layers (the
                  one computing and the one prefetched): (root + 2*layer)*c
-    grads        T*4/N fp32 shards, plus the gathered units' gradients (in c) before their
-                 reduce-scatter
     optimizer    T*8/N: AdamW's two fp32 moments. With the fp32 master in the weights that is
                  the usual 16 bytes per trained parameter; a frozen one costs 4 bytes.
     activations  per micro-batch of b sequences of s tokens (b*s tokens):
                  without checkpointing  L * b*s * A + b*s * H
                  with checkpointing     L * b*s * c*h + b*s * A + b*s * H
                  (each layer keeps its input; one layer is recomputed at a time)
-    other        OTHER_GIB: CUDA context, NCCL buffers, allocator slack
+    grads        backward frees activations as it makes gradients, so the two do not peak
+                 together. At the start of backward every activation is alive and only the
+                 head's gradient exists (V*h*c, full fine-tuning); at its end the activations
+                 are gone and every gradient exists: T*4/N fp32 shards plus the gathered units'
+                 gradients before their reduce-scatter. The peak is the larger moment, and the
+                 breakdown shows that moment (activations 0 when it is the end of backward).
+    other        OTHER_GIB (CUDA context, NCCL buffers) + ALLOCATOR_SLACK of the rest
 with A the bytes one decoder layer saves for backward per token, counted from what PyTorch
 saves in a bf16 Hugging Face layer with SDPA/flash attention (no s*s attention matrix), and
 checked in tests against the tensors a real forward saves:
@@ -44,11 +48,16 @@ and H the bytes per token of the final norm and the head, dominated by the logit
     H = 4h + 4 + r*h + c*h + 8 + 8 + 2*c*d + (c + 4 + 4 + 4)*V
     (final norm, head input, token ids and labels, rotary cos/sin, then per vocabulary entry the
     bf16 logits, the fp32 log-probabilities cross-entropy keeps, and at the start of backward
-    the fp32 gradients of both; Gemma2's logit soft-capping adds c*V). For Llama-3.1-8B at 8192 tokens that is 13.7 GiB by itself.
+    the fp32 gradients of both; Gemma2's logit soft-capping adds c*V). For Llama-3.1-8B at
+    8192 tokens the logits alone take 13.7 GiB.
 
-These are estimates: allocator fragmentation, Ray Data's pinned buffers and a training loop
-that differs from stock Hugging Face and FSDP2 move the real number. Good to tens of percent,
-which is what deciding "turn on activation checkpointing" needs.
+Checked on one H100 (torch 2.11, FSDP2 built as train/model.py builds it, Llama-3.1-8B sizes
+with 2 to 6 layers, 8192 tokens per micro-batch, with and without checkpointing): the estimate
+without `other` was 3-8% above the measured peak of allocated memory. The caching allocator
+reserved 6-20% more than it allocated with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+(the image sets it), which `other` covers, but 16-36% more without it. Ray Data's buffers and
+a loop that differs from stock Hugging Face and FSDP2 move the real number too: treat these as
+estimates good to about ten percent.
 """
 
 from __future__ import annotations
@@ -63,7 +72,9 @@ from elo_ray.config import JobSpec, TrainConfig
 
 GIB = 1024**3
 OTHER_GIB = 2.0
-"""CUDA context (~0.5 GiB), NCCL communicators and buffers, caching-allocator slack."""
+"""CUDA context (~0.5 GiB), NCCL communicators and buffers."""
+ALLOCATOR_SLACK = 0.10
+"""What PyTorch's caching allocator reserves beyond what tensors use, as a share of the rest."""
 
 GPUS: dict[str, float] = {
     "A100-40GB": 40.0,
@@ -330,7 +341,6 @@ def _stage_memory(
     gathered_layers = min(2, num_layers)
 
     weights = params * 4 / n + (counts.root + gathered_layers * counts.layer) * c
-    grads = trainable * 4 / n + (root_trainable + gathered_layers * layer_trainable) * c
     optimizer = trainable * 8 / n
 
     tokens = train.micro_batch_size * seq_len
@@ -340,6 +350,17 @@ def _stage_memory(
     else:
         layers = num_layers * tokens * per_layer
     activations = layers + tokens * head_activation_bytes(model_config, c)
+
+    # Gradients appear as backward frees activations, so the two never peak together. At the
+    # start of backward all activations live and only the head's gradient exists (full
+    # fine-tuning); at its end the activations are gone and every gradient exists.
+    head_grad = (counts.head or counts.embedding) * c if train.method == "full" else 0
+    all_grads = trainable * 4 / n + (root_trainable + gathered_layers * layer_trainable) * c
+    if activations + head_grad >= all_grads:
+        grads = head_grad
+    else:
+        grads, activations = all_grads, 0.0
+    subtotal = (weights + grads + optimizer + activations) / GIB
 
     return StageMemory(
         stage=stage,
@@ -353,7 +374,7 @@ def _stage_memory(
         grads_gib=grads / GIB,
         optimizer_gib=optimizer / GIB,
         activations_gib=activations / GIB,
-        other_gib=OTHER_GIB,
+        other_gib=OTHER_GIB + ALLOCATOR_SLACK * subtotal,
         gpu_memory_gib=gpu_memory_gib,
     )
 
@@ -390,19 +411,43 @@ def _article(name: str) -> str:
     return "an" if name[:1].upper() in "AEFHILMNORSX" else "a"
 
 
-def _remedies(m: StageMemory, spec: JobSpec) -> list[str]:
-    key, _ = _seq_len_key(m.stage, spec)
-    states = m.weights_gib + m.grads_gib + m.optimizer_gib
-    out = []
+def _set(spec: JobSpec, key: str, value: Any) -> None:
+    *path, last = key.split(".")
+    node: Any = spec
+    for part in path:
+        node = getattr(node, part)
+    setattr(node, last, value)
+
+
+def _remedy(m: StageMemory, spec: JobSpec, model_config: Any) -> str:
+    """What to change, each option tried on a copy of the spec and shown with its new estimate:
+    the options that fit on their own, or else every option that helps (to combine)."""
+    stage, n = m.stage, spec.resources.num_workers
+    seq_key, seq = _seq_len_key(stage, spec)
+    options: list[tuple[str, list[tuple[str, Any]]]] = []
     if not m.activation_checkpointing:
-        out.append(f"turn on {m.stage}.train.activation_checkpointing")
+        options.append((f"turn on {stage}.train.activation_checkpointing", [(f"{stage}.train.activation_checkpointing", True)]))
     if m.micro_batch_size > 1:
-        out.append(f"lower {m.stage}.train.micro_batch_size (now {m.micro_batch_size}) and raise grad_accum")
-    elif m.activation_checkpointing:
-        out.append(f"lower {key} (now {m.seq_len})")
-    if states > m.activations_gib / 2 or not out:
-        out.append(f"shard over more GPUs (resources.num_workers, now {m.num_gpus})")
-    return out
+        options.append((
+            f"lower {stage}.train.micro_batch_size to 1 and raise grad_accum {m.micro_batch_size}x",
+            [(f"{stage}.train.micro_batch_size", 1)],
+        ))
+    if seq >= 1024:
+        options.append((f"lower {seq_key} to {seq // 2}", [(seq_key, seq // 2)]))
+    options.append((f"shard over {2 * n} GPUs (resources.num_workers: {2 * n})", [("resources.num_workers", 2 * n)]))
+    fitting, helping = [], []
+    for text, changes in options:
+        trial = spec.model_copy(deep=True)
+        for key, value in changes:
+            _set(trial, key, value)
+        new = next(x for x in estimate_memory(trial, model_config, m.gpu_memory_gib) if x.stage == stage)
+        if new.total_gib < 0.95 * m.total_gib:
+            (fitting if new.fits else helping).append(f"{text} (~{new.total_gib:.1f} GiB)")
+    if fitting:
+        return " or ".join(fitting)
+    if helping:
+        return "no single change is enough; combine: " + ", ".join(helping)
+    return "use GPUs with more memory"
 
 
 def memory_warnings(
@@ -421,7 +466,7 @@ def memory_warnings(
             continue
         lines.append(
             f"{m.stage}: estimated {m.total_gib:.1f} GiB per GPU ({m.breakdown()}) exceeds the "
-            f"{gpu_memory_gib:g} GiB of {_article(gpu_name)} {gpu_name}; " + " or ".join(_remedies(m, spec))
+            f"{gpu_memory_gib:g} GiB of {_article(gpu_name)} {gpu_name}; {_remedy(m, spec, model_config)}"
         )
     return lines
 
