@@ -330,3 +330,7 @@ def test_dockerignore_drops_what_the_image_does_not_need_and_keeps_what_it_copie
     assert sources == {"pyproject.toml", "README.md", "elo_ray", "jobs"}
     assert not sources & ignored
     assert all((ROOT / s).exists() for s in sources)
+
+
+def test_image_turns_on_expandable_segments_which_the_memory_estimate_assumes():
+    assert "ENV PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in (ROOT / "docker" / "Dockerfile").read_text()
