@@ -1,0 +1,266 @@
+"""Real bilingual text nobody here wrote: Debian's packaged manual pages, as JSONL.
+
+English comes from the `manpages` and `manpages-dev` packages (the Linux man-pages project),
+Japanese from `manpages-ja` (the JM project's translations of pages of many packages). Each page
+is rendered to plain text by man-db (`man -l`, 80 columns, no hyphenation or justification)
+and `col -bx`, cut into documents at its top-level sections (NAME, DESCRIPTION, ...; short
+sections join the next one), and deduplicated by exact text. Whole pages are held out, chosen
+by a hash of the page's name, so that no section of a held-out page is ever trained on.
+
+Japanese pages keep some untranslated English (authors, copyright, code); a Japanese document
+needs `MIN_JA_SHARE` of its letters in kana or kanji, the rest are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Debian packages per language (installed with apt-get when missing).
+PACKAGES = {"en": ("manpages", "manpages-dev"), "ja": ("manpages-ja",)}
+MIN_SECTION_CHARS = 200  # shorter sections (NAME, SEE ALSO lists) join the next one
+MIN_JA_SHARE = 0.2  # share of letters in a Japanese document that must be kana or kanji
+
+_JA = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+class CorpusError(RuntimeError):
+    """The manual pages cannot be had; the message says what to install."""
+
+
+def log(msg: str) -> None:
+    print(f"[replicate] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- packages
+
+
+def installed(package: str) -> bool:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return r.returncode == 0 and "install ok installed" in r.stdout
+
+
+def ensure_packages(packages: list[str]) -> None:
+    """Install the missing `packages` with apt-get (as root), saying so; errors say what to run."""
+    missing = [p for p in packages if not installed(p)]
+    if not missing:
+        return
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise CorpusError(
+            f"the Debian packages {' '.join(missing)} are not installed and this process cannot install "
+            f"them; run: sudo apt-get install -y {' '.join(missing)}"
+        )
+    log(f"installing {' '.join(missing)} with apt-get (the corpus is Debian's manual pages)")
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
+        log("apt-get install failed; running apt-get update and trying again")
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise CorpusError(f"apt-get install {' '.join(missing)} failed:\n{r.stderr[-2000:]}")
+
+
+def package_pages(package: str) -> list[Path]:
+    """The manual pages a package ships (regular files under /usr/share/man; links are aliases)."""
+    r = subprocess.run(["dpkg-query", "-L", package], capture_output=True, text=True, check=True)
+    pages = []
+    for line in r.stdout.splitlines():
+        p = Path(line)
+        if line.startswith("/usr/share/man/") and re.search(r"\.\d\w*(\.gz)?$", p.name) and p.is_file() \
+                and not p.is_symlink():
+            pages.append(p)
+    return sorted(pages)
+
+
+def is_alias(page: Path) -> bool:
+    """A page whose source is only a `.so` include of another page."""
+    import gzip
+
+    opener = gzip.open if page.suffix == ".gz" else open
+    with opener(page, "rt", encoding="utf-8", errors="replace") as f:
+        lines = [ln for ln in f.read(4096).splitlines() if ln.strip() and not ln.startswith(('.\\"', "'\\\""))]
+    return len(lines) <= 2 and any(ln.startswith(".so ") for ln in lines)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def render(page: Path) -> str:
+    """The page as plain UTF-8 text, 80 columns wide, as `man` shows it without formatting."""
+    env = {**os.environ, "MANWIDTH": "80", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "MAN_KEEP_FORMATTING": ""}
+    man = subprocess.run(["man", "--nh", "--nj", "-E", "UTF-8", "-l", str(page)],
+                         capture_output=True, env=env, timeout=120)
+    col = subprocess.run(["col", "-bx"], input=man.stdout, capture_output=True, env=env, timeout=120)
+    return col.stdout.decode("utf-8", errors="replace")
+
+
+def sections(text: str) -> list[str]:
+    """Top-level sections of a rendered page (heading + dedented body), header/footer lines dropped."""
+    lines = [ln.rstrip() for ln in text.splitlines()]
+    while lines and not lines[0]:
+        lines.pop(0)
+    while lines and not lines[-1]:
+        lines.pop()
+    if len(lines) < 3:
+        return []
+    lines = lines[1:-1]  # the "LS(1)  User Commands  LS(1)" header and the version/date footer
+    out: list[list[str]] = []
+    for ln in lines:
+        if ln and not ln[0].isspace():
+            out.append([ln])
+        elif out:
+            out[-1].append(ln)
+    docs = []
+    for sec in out:
+        body = [ln for ln in sec[1:]]
+        indents = [len(ln) - len(ln.lstrip()) for ln in body if ln.strip()]
+        cut = min(indents) if indents else 0
+        text = "\n".join([sec[0].strip()] + [ln[cut:] for ln in body])
+        text = re.sub(r"\n{3,}", "\n\n", text).strip()
+        if text:
+            docs.append(text)
+    return docs
+
+
+def documents(page_text: str, min_chars: int = MIN_SECTION_CHARS) -> list[str]:
+    """A page's documents: its sections, each short one joined to the one after it."""
+    docs, pending = [], ""
+    for sec in sections(page_text):
+        pending = f"{pending}\n\n{sec}" if pending else sec
+        if len(pending) >= min_chars:
+            docs.append(pending)
+            pending = ""
+    if pending:
+        if docs:
+            docs[-1] = f"{docs[-1]}\n\n{pending}"
+        else:
+            docs.append(pending)
+    return docs
+
+
+def ja_share(text: str) -> float:
+    letters = len(_LETTER.findall(text))
+    return len(_JA.findall(text)) / letters if letters else 0.0
+
+
+def is_heldout(page_name: str, heldout_pct: float) -> bool:
+    """Whether a page is held out: a stable hash of its name, the same on every machine."""
+    h = int.from_bytes(hashlib.sha1(page_name.encode()).digest()[:8], "little")
+    return (h % 10_000) < heldout_pct * 100
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+@dataclass
+class LanguageCorpus:
+    """The files and counts of one language."""
+
+    language: str
+    train: Path
+    heldout: Path
+    packages: list[str]
+    stats: dict = field(default_factory=dict)
+
+
+def page_name(page: Path) -> str:
+    name = page.name.removesuffix(".gz")
+    return f"{page.parent.name}/{name}"  # e.g. man2/open.2 (the same name in both languages)
+
+
+def build_language(language: str, out_dir: Path, *, max_pages: int | None, heldout_pct: float,
+                   workers: int) -> LanguageCorpus:
+    """Render, split, filter, deduplicate and write one language's train/heldout JSONL."""
+    packages = list(PACKAGES[language])
+    ensure_packages(packages)
+    pages = sorted({p for pkg in packages for p in package_pages(pkg)}, key=page_name)
+    pages = [p for p in pages if not is_alias(p)]
+    if max_pages is not None:
+        # A spread-out sample (not the first N, which would all be man1 pages).
+        step = max(1, len(pages) // max_pages)
+        pages = pages[::step][:max_pages]
+    if not pages:
+        raise CorpusError(f"the packages {packages} hold no manual pages for {language}")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        rendered = list(pool.map(render, pages))
+
+    seen: set[str] = set()
+    split = {"train": [], "heldout": []}
+    counts = {"pages": len(pages), "empty_pages": 0, "duplicates": 0, "not_japanese": 0}
+    for page, text in zip(pages, rendered):
+        docs = documents(text)
+        if not docs:
+            counts["empty_pages"] += 1
+        part = "heldout" if is_heldout(page_name(page), heldout_pct) else "train"
+        for doc in docs:
+            if language == "ja" and ja_share(doc) < MIN_JA_SHARE:
+                counts["not_japanese"] += 1
+                continue
+            key = re.sub(r"\s+", " ", doc)
+            if key in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(key)
+            split[part].append(doc)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for part, docs in split.items():
+        paths[part] = out_dir / f"{language}.{part}.jsonl"
+        with open(paths[part], "w", encoding="utf-8") as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+        counts[f"{part}_docs"] = len(docs)
+        counts[f"{part}_chars"] = sum(len(d) for d in docs)
+    versions = {p: _version(p) for p in packages}
+    return LanguageCorpus(language, paths["train"], paths["heldout"], packages,
+                          {**counts, "packages": versions})
+
+
+def _version(package: str) -> str:
+    r = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+    return r.stdout.strip()
+
+
+def read_texts(path: Path) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def build(out_dir: Path, *, max_pages: int | None = None, heldout_pct: float = 5.0,
+          workers: int | None = None) -> dict[str, LanguageCorpus]:
+    """English and Japanese JSONL corpora under `out_dir`, reused when `corpus.json` says they
+    were built with the same settings."""
+    settings = {"max_pages": max_pages, "heldout_pct": heldout_pct, "min_section_chars": MIN_SECTION_CHARS,
+                "min_ja_share": MIN_JA_SHARE, "packages": PACKAGES}
+    manifest = out_dir / "corpus.json"
+    if manifest.is_file():
+        saved = json.loads(manifest.read_text())
+        if saved.get("settings") == json.loads(json.dumps(settings)):
+            log(f"corpus: reusing {out_dir}")
+            return {lang: LanguageCorpus(lang, Path(c["train"]), Path(c["heldout"]), c["packages"], c["stats"])
+                    for lang, c in saved["languages"].items()}
+    if shutil.which("man") is None or shutil.which("col") is None:
+        raise CorpusError("rendering manual pages needs man-db and bsdextrautils: apt-get install -y man-db bsdextrautils")
+    workers = workers or os.cpu_count() or 1
+    corpora = {}
+    for lang in PACKAGES:
+        corpora[lang] = build_language(lang, out_dir, max_pages=max_pages, heldout_pct=heldout_pct, workers=workers)
+        s = corpora[lang].stats
+        log(f"corpus {lang}: {s['pages']} pages -> {s['train_docs']} train / {s['heldout_docs']} held-out "
+            f"documents ({s['train_chars']:,} / {s['heldout_chars']:,} chars); dropped {s['duplicates']} duplicates"
+            + (f", {s['not_japanese']} mostly non-Japanese" if lang == "ja" else ""))
+    manifest.write_text(json.dumps({
+        "settings": settings,
+        "languages": {lang: {"train": str(c.train), "heldout": str(c.heldout), "packages": c.packages,
+                             "stats": c.stats} for lang, c in corpora.items()},
+    }, indent=2, ensure_ascii=False))
+    return corpora
