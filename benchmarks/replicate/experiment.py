@@ -1,0 +1,435 @@
+"""The experiment: a base model that knows English, then continual pretraining on Japanese by
+each method at the same token budget, on the same machine, in one run.
+
+Every training stage goes through elo-ray's own engine (`elo_ray.train.run_training` on a local
+Ray, streams from `elo_ray.data`), ELO through `elo_ray.surgery` (detach, merge), perplexity
+through `elo_ray.evaluate`. The methods, as the paper compares them (DESIGN.md):
+
+- full:  full fine-tuning of the base on the mixed stream, `cp_tokens` tokens.
+- lora:  LoRA adapters on every linear layer, the same tokens, merged into the weights after.
+- elo:   detach `layers`, train them on `(1 - align_share) * cp_tokens` tokens, merge them back
+         ("ELO, no alignment"), then full fine-tuning of the merged model on the remaining
+         `align_share * cp_tokens` tokens of separate alignment text ("ELO + align"), as the paper
+         splits 10 GB into 9 GB of ELO pretraining and 1 GB of alignment.
+
+Stage wall times include what the stage really costs end to end (Ray Train start-up, loading
+the model, checkpoint and export); "loop" times are the training loop alone, from the engine's
+metrics. The stream plan (counting the corpus' tokens) is timed apart, since every method pays
+the same.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from replicate import corpus as corpus_lib
+from replicate.corpus import log
+
+# --------------------------------------------------------------------------- sizes
+
+
+@dataclass(frozen=True)
+class Size:
+    """One scale of the experiment; `SIZES` holds the presets (`--size`)."""
+
+    hidden_size: int  # model width
+    intermediate_size: int  # gated-MLP width
+    num_layers: int  # decoder layers of the base model
+    num_heads: int  # attention heads (head size = hidden_size / num_heads)
+    num_kv_heads: int  # key/value heads (grouped-query attention, as Llama 3)
+    vocab_size: int  # tokenizer vocabulary, trained on both languages
+    seq_len: int  # tokens per packed training sequence (and per perplexity window)
+    micro_batch_size: int  # sequences per forward
+    base_tokens: int  # English tokens of the base model's pretraining from scratch
+    cp_tokens: int  # tokens of continual pretraining per method (English:Japanese 1:9)
+    align_share: float  # share of cp_tokens that ELO spends on alignment (paper: 1 GB of 10 GB)
+    eval_tokens: int  # held-out tokens scored per language
+    max_pages: int | None  # manual pages per language (None: all of them)
+    heldout_pct: float  # percent of pages held out for perplexity
+    base_lr: float  # peak lr of the base pretraining
+    cp_lr: float  # peak lr of full fine-tuning and ELO pretraining
+    lora_lr: float  # peak lr of LoRA (adapters train from zero; the usual practice is a higher lr)
+    align_lr: float  # peak lr of the alignment after ELO
+    lora_rank: int = 16
+    log_every: int = 10  # optimizer steps between metric records (the loss curves' resolution)
+
+    @property
+    def middle_pair(self) -> tuple[int, int]:
+        """The two middle layers, the paper's (16, 17) of 32 in 0-based indices."""
+        return (self.num_layers // 2 - 1, self.num_layers // 2)
+
+
+SIZES = {
+    # The test's setting: a handful of pages, a 4-layer model, a few steps of everything.
+    "smoke": Size(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+                  vocab_size=512, seq_len=64, micro_batch_size=4, base_tokens=64 * 4 * 6, cp_tokens=64 * 4 * 10,
+                  align_share=0.2, eval_tokens=1024, max_pages=12, heldout_pct=25, base_lr=3e-3, cp_lr=1e-3, lora_lr=3e-3,
+                  align_lr=3e-4, lora_rank=4, log_every=2),
+    # The default: under an hour on 2 CPU cores.
+    "small": Size(hidden_size=256, intermediate_size=688, num_layers=12, num_heads=4, num_kv_heads=2,
+                  vocab_size=8192, seq_len=256, micro_batch_size=8, base_tokens=900_000, cp_tokens=300_000,
+                  align_share=0.1, eval_tokens=16_384, max_pages=None, heldout_pct=5, base_lr=1e-3, cp_lr=3e-4,
+                  lora_lr=1e-3, align_lr=1e-4),
+    # GPUs (--device cuda): a wider, deeper model, the whole corpus several times over.
+    "medium": Size(hidden_size=512, intermediate_size=1376, num_layers=16, num_heads=8, num_kv_heads=2,
+                   vocab_size=16384, seq_len=512, micro_batch_size=32, base_tokens=12_000_000,
+                   cp_tokens=3_000_000, align_share=0.1, eval_tokens=65_536, max_pages=None, heldout_pct=5, base_lr=1e-3,
+                   cp_lr=3e-4, lora_lr=1e-3, align_lr=1e-4, log_every=20),
+    "large": Size(hidden_size=1024, intermediate_size=2816, num_layers=16, num_heads=16, num_kv_heads=4,
+                  vocab_size=16384, seq_len=512, micro_batch_size=32, base_tokens=40_000_000,
+                  cp_tokens=10_000_000, align_share=0.1, eval_tokens=131_072, max_pages=None, heldout_pct=5, base_lr=6e-4,
+                  cp_lr=2e-4, lora_lr=8e-4, align_lr=6e-5, log_every=50),
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class StageRun:
+    """One timed stage of one method."""
+
+    stage: str  # base, cp, detach, pretrain, merge, align
+    wall_s: float  # end to end, as the user waits for it
+    loop_s: float | None = None  # the training loop alone (engine metrics)
+    tokens: int = 0  # trained tokens
+    steps: int = 0
+    tokens_per_s: float | None = None  # tokens / loop_s
+    peak_memory_gb: float | None = None  # worker peak RSS on CPU, peak allocated on GPU
+    final_loss: float | None = None
+    plan_s: float | None = None  # counting and planning the stream (not in wall_s)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens so far, loss)
+    tokens_by_language: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class MethodResult:
+    """A method's stages and the perplexity of each model it produced."""
+
+    name: str  # e.g. "elo (0, 11)"
+    kind: str  # full, lora, elo
+    layers: list[int] | None
+    stages: list[StageRun] = field(default_factory=list)
+    perplexity: dict[str, dict[str, float]] = field(default_factory=dict)  # model label -> lang -> ppl
+    trainable_params: int | None = None
+
+    def wall_s(self, upto: str | None = None) -> float:
+        """Wall seconds of the stages, through stage `upto` if given."""
+        total = 0.0
+        for s in self.stages:
+            total += s.wall_s
+            if s.stage == upto:
+                break
+        return total
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+def _read_metrics(uri: str) -> list[dict]:
+    from elo_ray import storage
+
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def _loop_summary(records: list[dict]) -> tuple[float | None, list[tuple[int, float]]]:
+    """Loop seconds (sum over intervals of tokens / tokens_per_s) and the loss curve."""
+    loop_s, prev, curve = 0.0, 0, []
+    for r in records:
+        tokens = int(r.get("tokens_total", 0))
+        if r.get("tokens_per_s"):
+            loop_s += (tokens - prev) / r["tokens_per_s"]
+        prev = tokens
+        if r.get("loss") is not None:
+            curve.append((tokens, float(r["loss"])))
+    return (loop_s if records else None), curve
+
+
+class Experiment:
+    """One run of the whole comparison under `out_dir` (see the module docstring)."""
+
+    def __init__(self, out_dir: Path, size: Size, *, size_name: str, device: str = "cpu", seed: int = 0,
+                 fresh: bool = False):
+        self.out = out_dir
+        self.size = size
+        self.size_name = size_name
+        self.device = device
+        self.seed = seed
+        self.fresh = fresh
+        self.corpus: dict[str, corpus_lib.LanguageCorpus] = {}
+        self.tokenizer_dir = out_dir / "tokenizer"
+        self.base_dir = out_dir / "base"
+        self.runs = out_dir / "runs"
+        self.heldout: dict[str, list[list[int]]] = {}
+        self.info: dict = {}
+
+    # ------------------------------------------------------------------ data
+
+    def prepare_corpus(self) -> None:
+        began = time.perf_counter()
+        self.corpus = corpus_lib.build(self.out / "corpus", max_pages=self.size.max_pages,
+                                        heldout_pct=self.size.heldout_pct)
+        self._split_alignment()
+        self.info["corpus_s"] = round(time.perf_counter() - began, 1)
+
+    def _split_alignment(self) -> None:
+        """Per language, a disjoint alignment part of the training documents (`align_share` of them, by hash)
+        for ELO's alignment stage; full and LoRA stream from both parts."""
+        for lang, c in self.corpus.items():
+            cp, align = self.out / "corpus" / f"{lang}.cp.jsonl", self.out / "corpus" / f"{lang}.align.jsonl"
+            parts = {cp: [], align: []}
+            for t in corpus_lib.read_texts(c.train):
+                parts[align if corpus_lib.is_heldout(t, 100 * self.size.align_share) else cp].append(t)
+            for path, docs in parts.items():
+                with open(path, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+
+    def sources(self, part: str, languages=("en", "ja")):
+        """Source configs of `part`: train (cp + align), cp, align or heldout."""
+        from elo_ray.config import SourceConfig
+
+        files = {"train": ["cp", "align"], "cp": ["cp"], "align": ["align"], "heldout": ["heldout"]}[part]
+        return [SourceConfig(uri=str(self.out / "corpus" / f"{lang}.{f}.jsonl"), language=lang)
+                for lang in languages for f in files]
+
+    def data_config(self, part: str, tokens: int, languages=("en", "ja"), seed_offset: int = 0):
+        from elo_ray.config import DataConfig
+
+        return DataConfig(sources=self.sources(part, languages), seq_len=self.size.seq_len, max_tokens=tokens,
+                          heldout_docs=0, seed=self.seed + seed_offset)
+
+    def train_tokenizer(self) -> None:
+        """A byte-level BPE tokenizer trained on both languages' training text (no held-out text)."""
+        from elo_ray.tiny import train_tokenizer
+
+        marker = self.tokenizer_dir / "settings.json"
+        settings = {"vocab_size": self.size.vocab_size, "corpus": {k: v.stats for k, v in self.corpus.items()}}
+        if not self.fresh and marker.is_file() and json.loads(marker.read_text()) == settings:
+            log(f"tokenizer: reusing {self.tokenizer_dir}")
+            return
+        began = time.perf_counter()
+        texts = [t for c in self.corpus.values() for t in corpus_lib.read_texts(c.train)]
+        tok = train_tokenizer(texts, vocab_size=self.size.vocab_size)
+        shutil.rmtree(self.tokenizer_dir, ignore_errors=True)
+        tok.save_pretrained(self.tokenizer_dir)
+        marker.write_text(json.dumps(settings))
+        log(f"tokenizer: {len(tok)} tokens, trained on {len(texts)} documents in {time.perf_counter() - began:.0f}s")
+
+    def count_tokens(self) -> dict[str, dict[str, int]]:
+        """Tokens of every corpus part per language (the sizes the README reports)."""
+        from transformers import AutoTokenizer
+
+        from elo_ray.data.tokens import DocEncoder
+
+        enc = DocEncoder(AutoTokenizer.from_pretrained(self.tokenizer_dir))
+        sizes = {}
+        for lang in self.corpus:
+            sizes[lang] = {}
+            for part in ("cp", "align", "heldout"):
+                texts = corpus_lib.read_texts(self.out / "corpus" / f"{lang}.{part}.jsonl")
+                sizes[lang][part] = sum(len(ids) for ids in enc(texts)) if texts else 0
+                sizes[lang][f"{part}_docs"] = len(texts)
+        self.info["corpus_tokens"] = sizes
+        return sizes
+
+    def load_heldout(self) -> None:
+        """Held-out token documents per language, `eval_tokens` of them (a seeded sample of pages)."""
+        from elo_ray import data
+        from elo_ray.config import DataConfig
+
+        for lang in self.corpus:
+            cfg = DataConfig(sources=self.sources("heldout", (lang,)), seq_len=self.size.seq_len,
+                             heldout_docs=10**9)
+            docs = data.heldout(cfg, str(self.tokenizer_dir))[lang]
+            random.Random(self.seed).shuffle(docs)
+            chosen, total = [], 0
+            for d in docs:
+                if total >= self.size.eval_tokens:
+                    break
+                d = d[: self.size.eval_tokens - total + 1]
+                chosen.append(d)
+                total += len(d) - 1
+            self.heldout[lang] = chosen
+        self.info["eval_tokens"] = {lang: sum(len(d) - 1 for d in docs) for lang, docs in self.heldout.items()}
+
+    # ------------------------------------------------------------------ training
+
+    def resources(self):
+        from elo_ray.config import ResourcesConfig
+
+        return ResourcesConfig(num_workers=1, use_gpu=self.device == "cuda", cpus_per_worker=1.0, max_failures=0)
+
+    def train_config(self, method: str, lr: float, tokens: int):
+        from elo_ray.config import TrainConfig
+
+        steps = max(1, tokens // (self.size.seq_len * self.size.micro_batch_size))
+        return TrainConfig(
+            method=method, lr=lr, min_lr_ratio=0.1, warmup_steps=max(1, steps // 20), weight_decay=0.0,
+            micro_batch_size=self.size.micro_batch_size, grad_accum=1, checkpoint_every=10**9,
+            log_every=max(1, min(self.size.log_every, steps // 4)), lora_rank=self.size.lora_rank,
+            lora_alpha=2.0 * self.size.lora_rank, seed=self.seed,
+        )
+
+    def train(self, stage: str, run_dir: Path, model_dir: Path, out_dir: Path, *, method: str, lr: float,
+              data_cfg) -> StageRun:
+        """One training stage through elo-ray's engine, from scratch (earlier runs are removed)."""
+        from elo_ray import data
+        from elo_ray.train import run_training
+
+        storage_dir = run_dir / "ray"
+        shutil.rmtree(storage_dir / stage, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        began = time.perf_counter()
+        plan = data.plan_pretrain_stream(data_cfg, str(self.tokenizer_dir), world_size=1)
+        plan_s = time.perf_counter() - began
+        began = time.perf_counter()
+        result = run_training(
+            name=stage, model_uri=str(model_dir), output_uri=str(out_dir), storage_uri=str(storage_dir),
+            train=self.train_config(method, lr, data_cfg.max_tokens), resources=self.resources(), plan=plan,
+            seq_len=self.size.seq_len,
+        )
+        wall = time.perf_counter() - began
+        records = _read_metrics(result.metrics_uri)
+        loop_s, curve = _loop_summary(records)
+        m = result.metrics
+        tokens = int(m.get("tokens_total", 0))
+        run = StageRun(
+            stage=stage, wall_s=wall, loop_s=loop_s, tokens=tokens, steps=result.steps,
+            tokens_per_s=tokens / loop_s if loop_s else None, peak_memory_gb=m.get("peak_memory_gb"),
+            final_loss=curve[-1][1] if curve else None, plan_s=plan_s, curve=curve,
+            tokens_by_language={k.removeprefix("tokens_"): int(v) for k, v in m.items()
+                                if k.startswith("tokens_") and k not in ("tokens_total", "tokens_per_s")},
+        )
+        log(f"{run_dir.name}/{stage}: {tokens:,} tokens in {wall:.0f}s wall ({loop_s or 0:.0f}s loop, "
+            f"{run.tokens_per_s or 0:,.0f} tok/s), loss {run.final_loss}, peak {run.peak_memory_gb or 0:.2f} GiB")
+        return run
+
+    def pretrain_base(self) -> StageRun:
+        """A Llama-shaped model trained from scratch on English only: the experiment's base model."""
+        from elo_ray.tiny import tiny_config, tiny_model
+        from transformers import AutoTokenizer
+
+        s = self.size
+        settings = {"size": asdict(s), "seed": self.seed, "tokenizer": json.loads((self.tokenizer_dir / "settings.json").read_text())}
+        marker = self.base_dir / "replicate-base.json"
+        if not self.fresh and marker.is_file():
+            saved = json.loads(marker.read_text())
+            if saved["settings"] == json.loads(json.dumps(settings)):
+                log(f"base: reusing {self.base_dir} (pretrained in {saved['run']['wall_s']:.0f}s; --fresh to redo)")
+                return StageRun(**{**saved["run"], "curve": [tuple(c) for c in saved["run"]["curve"]]})
+        tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+        config = tiny_config(
+            "llama", vocab_size=len(tok), hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+            num_hidden_layers=s.num_layers, num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+            max_position_embeddings=s.seq_len, bos_token_id=None, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        )
+        init = self.runs / "base" / "init"
+        shutil.rmtree(init, ignore_errors=True)
+        model = tiny_model(config, seed=self.seed)
+        model.save_pretrained(init)
+        tok.save_pretrained(init)
+        self.info["base_params"] = sum(p.numel() for p in model.parameters())
+        log(f"base: pretraining a {s.num_layers}-layer Llama of {self.info['base_params'] / 1e6:.1f}M parameters "
+            f"from scratch on {s.base_tokens:,} English tokens")
+        run = self.train("base", self.runs / "base", init, self.base_dir, method="full", lr=s.base_lr,
+                         data_cfg=self.data_config("train", s.base_tokens, languages=("en",)))
+        marker.write_text(json.dumps({"settings": settings, "run": asdict(run)}))
+        return run
+
+    # ------------------------------------------------------------------ the methods
+
+    def run_full_or_lora(self, kind: str) -> MethodResult:
+        s = self.size
+        res = MethodResult(name=kind, kind=kind, layers=None)
+        run_dir = self.runs / kind
+        out = run_dir / "model"
+        lr = s.cp_lr if kind == "full" else s.lora_lr
+        res.stages.append(self.train("cp", run_dir, self.base_dir, out, method=kind, lr=lr,
+                                     data_cfg=self.data_config("train", s.cp_tokens)))
+        res.perplexity[kind] = self.perplexity(out)
+        res.trainable_params = self._trainable(self.base_dir, kind)
+        return res
+
+    def run_elo(self, layers: tuple[int, ...]) -> MethodResult:
+        """save_detached -> train (elo) -> merge -> [evaluate] -> train (full) on the merged model."""
+        from elo_ray import surgery
+
+        s = self.size
+        name = f"elo {tuple(layers)}"
+        res = MethodResult(name=name, kind="elo", layers=list(layers))
+        run_dir = self.runs / ("elo-" + "-".join(map(str, layers)))
+        elo_init, elo_out, merged, aligned = (run_dir / n for n in ("elo-init", "elo-trained", "merged", "aligned"))
+        began = time.perf_counter()
+        surgery.save_detached(str(self.base_dir), layers, str(elo_init), overwrite=True)
+        res.stages.append(StageRun(stage="detach", wall_s=time.perf_counter() - began))
+        pretrain_tokens = round(s.cp_tokens * (1 - s.align_share))
+        res.stages.append(self.train("pretrain", run_dir, elo_init, elo_out, method="elo", lr=s.cp_lr,
+                                     data_cfg=self.data_config("cp", pretrain_tokens)))
+        began = time.perf_counter()
+        surgery.merge(str(self.base_dir), str(elo_out), str(merged), overwrite=True)
+        res.stages.append(StageRun(stage="merge", wall_s=time.perf_counter() - began))
+        res.perplexity[f"{name} no align"] = self.perplexity(merged)
+        res.stages.append(self.train("align", run_dir, merged, aligned, method="full", lr=s.align_lr,
+                                     data_cfg=self.data_config("align", s.cp_tokens - pretrain_tokens, seed_offset=1)))
+        res.perplexity[f"{name} + align"] = self.perplexity(aligned)
+        res.trainable_params = self._trainable(elo_init, "elo")
+        return res
+
+    def _trainable(self, model_dir: Path, kind: str) -> int:
+        """Parameters the method's main stage trains (counted on a meta-device model)."""
+        from elo_ray.config import TrainConfig
+        from elo_ray.train import model as model_lib
+
+        config = model_lib.read_config(str(model_dir))
+        m = model_lib.build_meta(config, TrainConfig(method=kind, lora_rank=self.size.lora_rank))
+        return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def perplexity(self, model_dir: Path) -> dict[str, float]:
+        import torch
+        import transformers
+
+        from elo_ray import evaluate
+
+        began = time.perf_counter()
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        ppl = evaluate.perplexity(model, self.heldout, max_len=self.size.seq_len, device=self.device)
+        del model
+        log(f"perplexity of {model_dir.relative_to(self.out)}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items()) + f" ({time.perf_counter() - began:.0f}s)")
+        return ppl
+
+
+def machine_info(device: str) -> dict:
+    """What the numbers were measured on."""
+    import platform
+
+    import torch
+
+    info = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+            "torch": torch.__version__, "load_average_at_start": os.getloadavg()}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import subprocess
+
+        info["elo_ray_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                text=True, cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def ppl_delta(before: float, after: float) -> str:
+    return f"{after:.2f} ({100 * (after / before - 1):+.0f}%)" if math.isfinite(after) else "inf"
