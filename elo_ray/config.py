@@ -74,7 +74,17 @@ class ChatDataConfig(Config):
     )
     seq_len: int = Field(2048, gt=1, description="Longest example in tokens; longer ones are truncated.")
     heldout_docs: int = Field(16, ge=0, description="Conversations per language kept out of training.")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="Malformed JSON line or messages: error naming file and line, or skip and count."
+    )
     seed: int = Field(0, description="Seed of shuffling.")
+
+    @model_validator(mode="after")
+    def _messages_field(self) -> "ChatDataConfig":
+        for src in self.sources:  # a chat source's key defaults to `messages`, not SourceConfig's `text`
+            if "text_field" not in src.model_fields_set:
+                src.text_field = "messages"
+        return self
 
 
 # --------------------------------------------------------------------------- training
