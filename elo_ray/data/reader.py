@@ -1,0 +1,208 @@
+"""Inside each Ray Train worker: mix the per-language shards into micro-batches by ratio.
+
+Every packed sequence holds one language, so mixing is a choice of *which language's next
+sequence* fills each slot. `mix_order` makes that choice with a deficit rule (always the
+language furthest below its quota's share of the sequences so far): the languages interleave
+finely and every prefix of the stream is within one sequence per language of the asked
+ratio. The order depends only on the quotas, which are the same on every worker, so all
+workers switch languages in step and end on the same micro-batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+SHUFFLE_WINDOW = 256  # sequences per language held back and drawn at random (seeded)
+_LOG_EVERY_S = 60.0
+
+
+def mix_order(quotas: dict[str, int]) -> Iterator[str]:
+    """Languages in stream order: each exactly `quotas[lang]` times, finely interleaved."""
+    langs = sorted(lang for lang, q in quotas.items() if q > 0)
+    total = sum(quotas[lang] for lang in langs)
+    taken = dict.fromkeys(langs, 0)
+    for n in range(1, total + 1):
+        # deficit of lang after n slots, scaled by total to stay in integers: q*n - taken*total
+        best = max((lang for lang in langs if taken[lang] < quotas[lang]),
+                   key=lambda lang: quotas[lang] * n - taken[lang] * total)
+        taken[best] += 1
+        yield best
+
+
+class _Rows:
+    """One language's shard as a stream of rows, through a seeded shuffle window."""
+
+    def __init__(self, shard, lang_index: int, seed: int, repeat: bool, window: int):
+        self.shard, self.repeat, self.window = shard, repeat, window
+        self.rng = np.random.default_rng([seed, lang_index])
+        self.buf: list[tuple] = []
+        self.source = self._rows()
+        self.exhausted = False
+
+    def _rows(self) -> Iterator[tuple]:
+        while True:
+            n = 0
+            for batch in self.shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=1):
+                # Copies: the arrays may be zero-copy views of object-store memory that Ray reuses once
+                # the block is released, while rows wait in the shuffle window.
+                ids = np.array(batch["input_ids"])
+                labels = None if batch.get("labels") is None else np.array(batch["labels"])
+                tokens = batch.get("tokens")
+                dropped = batch.get("dropped")
+                for i in range(len(ids)):
+                    yield (ids[i], None if labels is None else labels[i],
+                           ids.shape[1] if tokens is None else int(tokens[i]),
+                           0 if dropped is None else int(dropped[i]))
+                n += len(ids)
+            if not self.repeat or n == 0:
+                return
+
+    def next(self) -> tuple | None:
+        while not self.exhausted and len(self.buf) < self.window:
+            row = next(self.source, None)
+            if row is None:
+                self.exhausted = True
+            else:
+                self.buf.append(row)
+        if not self.buf:
+            return None
+        i = int(self.rng.integers(len(self.buf)))
+        self.buf[i], self.buf[-1] = self.buf[-1], self.buf[i]
+        return self.buf.pop()
+
+
+@dataclass
+class StreamReader:
+    """A worker's handle on the stream: small and picklable (goes in `train_loop_config`).
+
+    Inside a Ray Train worker, `batches` reads this worker's shard of every language's dataset
+    (`ray.train.get_dataset_shard`) and mixes them by `quotas`. Outside Ray Train (tests,
+    benchmarks), `StreamPlan.local_readers()` binds readers to the same shards.
+    """
+
+    kind: str  # "pretrain" or "chat"
+    datasets: dict[str, str]  # language -> dataset name in StreamPlan.datasets
+    quotas: dict[str, int]  # sequences of each language per worker
+    shares: dict[str, float]  # asked share of each language
+    seq_len: int
+    world_size: int
+    seed: int = 0
+    repeat: tuple[str, ...] = ()  # languages that may start over when their shard ends
+    window: int = SHUFFLE_WINDOW
+    _shards: dict | None = field(default=None, repr=False, compare=False)
+    _seen: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_shards"] = None  # iterators of a local run stay local
+        return state
+
+    @property
+    def sequences_per_worker(self) -> int:
+        return sum(self.quotas.values())
+
+    def micro_batches(self, micro_batch_size: int) -> int:
+        """Micro-batches every worker yields (the last partial one is not yielded)."""
+        return self.sequences_per_worker // micro_batch_size
+
+    def batches(self, micro_batch_size: int, skip: int = 0) -> Iterator[dict]:
+        """This worker's micro-batches in their deterministic order, without the first `skip`.
+
+        Yields {"input_ids": LongTensor[B, seq_len], "labels": LongTensor[B, seq_len] (-100: no
+        loss; pretraining: equal to input_ids), "tokens": {language: trained tokens}}. Every
+        worker yields `micro_batches(B)` of them. A resumed run reads and discards the skipped
+        part (tokenization is cheap next to training; see benchmarks/ingest.py).
+        """
+        import torch
+
+        shards = self._shards if self._shards is not None else self._train_shards()
+        langs = sorted(self.datasets)
+        rows = {lang: _Rows(shards[lang], i, self.seed, lang in self.repeat, self.window) for i, lang in enumerate(langs)}
+        self._seen = {lang: Counter() for lang in langs}
+        self._seen_batches, self._start = 0, time.monotonic()
+        order = mix_order(self.quotas)
+        try:
+            yield from self._mix(rows, order, micro_batch_size, skip, torch)
+        finally:  # close the shard iterators while Ray is still up (not at interpreter exit)
+            for r in rows.values():
+                r.source.close()
+
+    def _mix(self, rows: dict, order: Iterator[str], micro_batch_size: int, skip: int, torch) -> Iterator[dict]:
+        last_log = self._start
+        for b in range(self.micro_batches(micro_batch_size)):
+            picked = []
+            for lang in (next(order) for _ in range(micro_batch_size)):
+                row = rows[lang].next()
+                if row is None:  # the corpus changed since planning; all workers end here
+                    print(f"[elo-ray] data: {lang} ran out after {b} micro-batches (the corpus changed since "
+                          f"the plan counted it); ending the stream", flush=True)
+                    return
+                seen = self._seen[lang]
+                seen["sequences"] += 1
+                seen["trained"] += row[2]
+                seen["dropped"] += row[3]
+                seen["read"] += row[2] + row[3]
+                picked.append((lang, row))
+            self._seen_batches = b + 1
+            if b < skip:
+                continue
+            input_ids = torch.from_numpy(np.stack([r[0] for _, r in picked])).long()
+            if self.kind == "chat":
+                labels = torch.from_numpy(np.stack([r[1] for _, r in picked])).long()
+            else:
+                labels = input_ids.clone()
+            tokens = Counter()
+            for lang, r in picked:
+                tokens[lang] += r[2]
+            yield {"input_ids": input_ids, "labels": labels, "tokens": dict(tokens)}
+            now = time.monotonic()
+            if now - last_log > _LOG_EVERY_S and self._rank() == 0:
+                last_log = now
+                print(f"[elo-ray] data: {self._progress_line()}", flush=True)
+
+    def totals(self) -> dict:
+        """The plan's size of the whole stream (all workers) and this worker's accounting so far.
+
+        "sequences"/"tokens": planned for the whole stream (the schedule length comes from it);
+        "languages": per language, what this worker has read, trained and dropped (batch tails)
+        so far; "shares": the achieved share of trained tokens per language, next to "asked".
+        """
+        trained = {lang: s["trained"] for lang, s in self._seen.items()}
+        total = sum(trained.values())
+        elapsed = time.monotonic() - self._start if self._seen else 0.0
+        out = {
+            "sequences": self.sequences_per_worker * self.world_size,
+            "sequences_per_worker": self.sequences_per_worker,
+            "asked": dict(self.shares),
+            "languages": {lang: {k: int(s[k]) for k in ("read", "trained", "dropped", "sequences")}
+                          for lang, s in self._seen.items()},
+            "shares": {lang: (n / total if total else 0.0) for lang, n in trained.items()},
+            "micro_batches": getattr(self, "_seen_batches", 0),
+            "tokens_per_s": total / elapsed if elapsed > 0 else 0.0,
+        }
+        if self.kind == "pretrain":
+            out["tokens"] = out["sequences"] * self.seq_len
+        return out
+
+    def _progress_line(self) -> str:
+        t = self.totals()
+        shares = ", ".join(f"{lang} {100 * s:.1f}%" for lang, s in t["shares"].items())
+        trained = sum(v["trained"] for v in t["languages"].values())
+        return f"{trained / 1e6:.2f}M tokens on this worker ({shares}), {t['tokens_per_s'] / 1e3:.1f}k tokens/s"
+
+    def _train_shards(self) -> dict:
+        import ray.train
+
+        return {lang: ray.train.get_dataset_shard(name) for lang, name in self.datasets.items()}
+
+    def _rank(self) -> int:
+        if self._shards is not None:
+            return 0
+        import ray.train
+
+        return ray.train.get_context().get_world_rank()
