@@ -26,7 +26,7 @@ import numpy as np
 from elo_ray.config import ChatDataConfig, DataConfig, resolve_weights
 from elo_ray.data.reader import StreamReader
 from elo_ray.data.sources import Counts, DataError, Unit, list_files, make_units, read_documents, validate_source
-from elo_ray.data.tokens import ChatEncoder, DocEncoder, Packer, doc_key, load_tokenizer
+from elo_ray.data.tokens import ChatEncoder, DocEncoder, Packer, cached_encoder, doc_key, load_tokenizer
 
 BLOCK_ROWS = 256  # sequences per Ray Data block
 MAX_UNIT_BYTES = 64 << 20
@@ -49,27 +49,13 @@ def unit_bytes(language_bytes: int, seq_len: int) -> int:
 
 @dataclass(frozen=True)
 class _Job:
-    """What every read task needs besides its unit (small: the tokenizer goes by object ref)."""
+    """What every read task needs besides its unit (small: the encoder goes by object ref)."""
 
     kind: str  # "pretrain" | "chat"
-    tokenizer: object  # ray.ObjectRef of the tokenizer
+    encoder: object  # ray.ObjectRef of a DocEncoder or ChatEncoder
     seq_len: int
     on_bad_record: str
     heldout: frozenset  # doc_key of every held-out document
-
-
-_ENCODERS: dict = {}
-
-
-def _encoder(job: _Job):
-    key = (job.tokenizer.hex(), job.kind, job.seq_len)
-    if key not in _ENCODERS:
-        from elo_ray.data.tokens import cached_tokenizer
-
-        tok = cached_tokenizer(job.tokenizer)
-        _ENCODERS.clear()
-        _ENCODERS[key] = ChatEncoder(tok, job.seq_len) if job.kind == "chat" else DocEncoder(tok)
-    return _ENCODERS[key]
 
 
 def _doc_batches(unit: Unit, job: _Job, counts: Counts):
@@ -99,7 +85,7 @@ def _table(columns: dict):
 def _read_unit(index: int, unit: Unit, job: _Job, count_only: bool):
     """A read task: tokenize and pack (or chat-encode) one unit; count_only: one row of numbers."""
     counts = Counts()
-    enc = _encoder(job)
+    enc = cached_encoder(job.encoder)
     pending: list[dict] = []  # blocks not yet yielded; the last row waits for the unit's tail
 
     def ready(rows: int):
@@ -376,15 +362,15 @@ def _plan(cfg, tokenizer, world_size: int, chat: bool) -> StreamPlan:
     if world_size < 1:
         raise DataError(f"world_size must be at least 1, got {world_size}")
     tok = load_tokenizer(tokenizer)
-    if chat:
-        ChatEncoder(tok, cfg.seq_len)  # fails early on a template without generation marks
+    # ChatEncoder fails early on a template without generation marks.
+    encoder = ChatEncoder(tok, cfg.seq_len) if chat else DocEncoder(tok)
     languages, shares = _check(cfg, chat)
     units = _units(cfg, cfg.seq_len)
     held = _heldout_docs(cfg, units, chat)
     kind = "chat" if chat else "pretrain"
-    job = _Job(kind, _ray_put(tok), cfg.seq_len, getattr(cfg, "on_bad_record", "error"),
+    job = _Job(kind, _ray_put(encoder), cfg.seq_len, getattr(cfg, "on_bad_record", "error"),
                frozenset(doc_key(d) for docs in held.values() for d in docs))
-    flat = [u for lang in languages for u in units[lang]]
+    flat = [u for lang in languages if shares[lang] > 0 for u in units[lang]]  # weight 0: not even counted
     counted = _count(flat, job) if flat else []
     counts = {id(u): c for u, c in zip(flat, counted)}  # units hold configs, which do not hash
 
@@ -392,7 +378,7 @@ def _plan(cfg, tokenizer, world_size: int, chat: bool) -> StreamPlan:
     for lang in languages:
         total = Counts()
         for u in units[lang]:
-            total.update({k: total[k] + counts[id(u)][k] for k in _COUNT_FIELDS})
+            total.update({k: total[k] + counts.get(id(u), Counts())[k] for k in _COUNT_FIELDS})
         report[lang] = {k: int(total[k]) for k in _COUNT_FIELDS}
         if total["sequences"] == 0 and shares[lang] > 0:
             uris = sorted({s.uri for s in cfg.sources if s.language == lang})

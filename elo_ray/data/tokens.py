@@ -1,9 +1,10 @@
 """The model's tokenizer in the data plane: documents -> EOS-terminated ids -> packed sequences,
 and chat conversations -> (input_ids, labels) with loss on assistant tokens only.
 
-The tokenizer travels to Ray Data read tasks once, through the object store (`ray.put`), and is
+The encoder travels to Ray Data read tasks once, through the object store (`ray.put`), and is
 cached per worker process: a 7-8B model's tokenizer is several MB, and a read task per unit
-would otherwise carry its own copy.
+would otherwise carry its own copy. For pretraining it travels as the bare Rust tokenizer, so
+that read tasks start without importing transformers (seconds per fresh worker process).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from elo_ray.data.sources import DataError
 
 IGNORE = -100  # label of positions without loss
 _PROBE = "Probe 42: naïve 한국어 テキスト."
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".ckpt")
 
 
 def load_tokenizer(tokenizer):
@@ -30,8 +32,9 @@ def load_tokenizer(tokenizer):
 
         where = tokenizer
         try:
-            if storage.has_scheme(where):
-                local = storage.download(where, tempfile.mkdtemp(prefix="elo-ray-tokenizer-"))
+            if storage.has_scheme(where):  # a model directory: fetch the small files, never the weights
+                names = [n for n in storage.listdir(where) if not n.endswith(_WEIGHTS)]
+                local = storage.download(where, tempfile.mkdtemp(prefix="elo-ray-tokenizer-"), names)
                 tokenizer = AutoTokenizer.from_pretrained(local)
             else:
                 tokenizer = AutoTokenizer.from_pretrained(where)
@@ -64,6 +67,12 @@ class DocEncoder:
         # The Rust call skips Python-side work; use it only where it gives the very same ids.
         same = backend is not None and backend.encode(_PROBE).ids == tokenizer(_PROBE)["input_ids"]
         self.backend = backend if same and hasattr(backend, "encode_batch_fast") else None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.backend is not None:  # the Rust tokenizer alone: read tasks need not import transformers
+            state["tokenizer"] = None
+        return state
 
     def __call__(self, texts: list[str]) -> list[list[int]]:
         if self.backend is not None:
@@ -151,8 +160,8 @@ def doc_key(doc) -> int:
 _CACHE: dict[str, object] = {}
 
 
-def cached_tokenizer(ref):
-    """The tokenizer behind object ref `ref`, fetched once per worker process."""
+def cached_encoder(ref):
+    """The encoder (DocEncoder or ChatEncoder) behind object ref `ref`, fetched once per process."""
     key = ref.hex()
     if key not in _CACHE:
         import ray
