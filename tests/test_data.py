@@ -264,6 +264,47 @@ def test_repeat_rereads_the_short_language_to_keep_budget_and_ratio(ray_local, t
     assert len(rows) - len(set(rows)) >= plan.quotas["en"] - plan.report["en"]["sequences"]  # re-read
 
 
+def test_byte_range_units_read_every_line_exactly_once(tmp_path):
+    from elo_ray.data.sources import Counts, list_files, make_units, read_documents
+
+    rng = random.Random(6)
+    docs = [en_doc(rng, i)[: rng.randint(1, 3000)] for i in range(300)]
+    src = SourceConfig(uri=write_jsonl(tmp_path / "en.jsonl", ({"text": t} for t in docs)), language="en")
+    units = make_units("en", src, list_files(src), unit_bytes=4099)  # cuts fall inside lines
+    assert len(units) > 50
+    assert [d for u in units for d in read_documents(u, Counts(), "error")] == docs
+
+
+def test_gzip_jsonl_text_and_parquet_sources_give_the_same_tokens(ray_local, tmp_path, tiny_tokenizer):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(7)
+    docs = [en_doc(rng, i) for i in range(40)]
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"body": t}) + "\n" for t in docs)
+    (tmp_path / "b.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": docs}), tmp_path / "c.parquet", row_group_size=7)
+    cfg = DataConfig(sources=[
+        SourceConfig(uri=str(tmp_path / "a.jsonl.gz"), language="gz", text_field="body"),
+        SourceConfig(uri=str(tmp_path / "b.txt"), language="txt", format="text"),
+        SourceConfig(uri=str(tmp_path / "c.parquet"), language="pq", format="parquet"),
+    ], seq_len=SEQ, heldout_docs=1)
+    plan = data.plan_pretrain_stream(cfg, tiny_tokenizer, world_size=1)
+    assert [plan.report[lang]["docs"] for lang in ("gz", "txt", "pq")] == [39, 39, 39]
+    assert len({plan.report[lang]["tokens"] for lang in ("gz", "txt", "pq")}) == 1
+
+
+def test_tokenizer_can_be_given_as_an_s3_location(corpus, tiny_tokenizer, tmp_path, s3_bucket):
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights are not needed for tokenizing")
+    storage.upload(str(tmp_path / "model"), s3_bucket + "/model")
+    cfg = corpus_config(str(corpus))
+    assert data.heldout(cfg, s3_bucket + "/model") == data.heldout(cfg, tiny_tokenizer)
+
+
 # --------------------------------------------------------------------------- chat
 
 
