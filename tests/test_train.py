@@ -5,7 +5,6 @@ run is shared by the tests that only read what it produced."""
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 

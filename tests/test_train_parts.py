@@ -14,7 +14,7 @@ from elo_ray.tiny import tiny_config, tiny_model
 from elo_ray.train import TrainingError, run_training
 from elo_ray.train import checkpoint, export, metrics
 from elo_ray.train import model as model_lib
-from elo_ray.train.loop import check_batches
+from elo_ray.train.step import check_batches
 from elo_ray.train.optim import lr_factor
 from elo_ray.train.synthetic import RowsReader
 

@@ -9,18 +9,26 @@
 - `metrics`               FLOPs per token, MFU, peak memory, the JSON-lines log
 - `reader`                the `BatchReader` protocol the data plane implements
 - `synthetic`             a fixed-rows reader for tests and benchmarks
+
+Names are imported on first use, so that `elo_ray.train.metrics` (used by the bare-PyTorch
+benchmark on GPU machines without Ray) does not pull in Ray.
 """
 
-from elo_ray.train.errors import CheckpointMismatchError, DivergedError, TrainingError
-from elo_ray.train.reader import Batch, BatchReader
-from elo_ray.train.trainer import TrainResult, run_training
+import importlib
 
-__all__ = [
-    "Batch",
-    "BatchReader",
-    "CheckpointMismatchError",
-    "DivergedError",
-    "TrainResult",
-    "TrainingError",
-    "run_training",
-]
+_EXPORTS = {
+    "Batch": "elo_ray.train.reader",
+    "BatchReader": "elo_ray.train.reader",
+    "CheckpointMismatchError": "elo_ray.train.errors",
+    "DivergedError": "elo_ray.train.errors",
+    "TrainingError": "elo_ray.train.errors",
+    "TrainResult": "elo_ray.train.trainer",
+    "run_training": "elo_ray.train.trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'elo_ray.train' has no attribute {name!r}")

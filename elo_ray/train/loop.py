@@ -23,20 +23,19 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import time
 from dataclasses import dataclass
 
 import ray.train
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from elo_ray import storage
 from elo_ray.config import TrainConfig
 from elo_ray.train import checkpoint, export, metrics
 from elo_ray.train import model as model_lib
 from elo_ray.train.errors import DivergedError, TrainingError
+from elo_ray.train.step import check_batches, train_step
 from elo_ray.train.optim import build_optimizer, build_scheduler
 from elo_ray.train.reader import Batch, BatchReader
 
@@ -116,7 +115,8 @@ class Worker:
         if self.rank == 0:
             what = f"resuming from step {self.step}" if saved else "starting"
             print(f"[elo-ray] {t.method}: {what}; {len(self.stage.trainable)} trainable tensors, "
-                  f"{self.loop.total_steps} steps, {self.world} worker(s) on {self.device.type}", flush=True)
+                  f"{self.loop.total_steps} steps, {self.world} worker(s) on {self.device.type}"
+                  + (f" ({torch.get_num_threads()} threads each)" if self.device.type == "cpu" else ""), flush=True)
         self.train_steps()
         export.export(self.model, self.model_dir, self.loop.output_uri)
         if self.rank == 0:
@@ -159,46 +159,22 @@ class Worker:
 
     def optimizer_step(self, micro: list[Batch]) -> tuple[float, float, int, int, int]:
         """One optimizer step over `micro`; returns (loss, grad norm, tokens, label tokens, seq len)."""
-        t = self.train
         check_batches(micro, self.config, self.step + 1, self.device)
-        counts = torch.tensor(
-            [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), sum(b["input_ids"].numel() for b in micro)],
-            dtype=torch.float64, device=self.device,
-        )
-        dist.all_reduce(counts)
-        label_tokens, tokens = int(counts[0]), int(counts[1])
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for b in micro:
-            input_ids = b["input_ids"].to(self.device, non_blocking=True)
-            labels = b["labels"].to(self.device, non_blocking=True)
-            # Predict token i+1 at position i; the last position has nothing to predict.
-            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-            logits = self.model(input_ids=input_ids).logits
-            summed = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-            # FSDP averages gradients over ranks; scale so the result is the mean over all label tokens.
-            (summed * (self.world / max(label_tokens, 1))).backward()
-            loss_sum += summed.detach()
             for lang, n in b.get("tokens", {}).items():
                 self.lang_tokens[lang] += int(n)
-        dist.all_reduce(loss_sum)
-        loss = float(loss_sum) / max(label_tokens, 1)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip or math.inf)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
+        self.lr = self.scheduler.get_last_lr()[0]
+        r = train_step(self.model, self.optimizer, micro, self.train.grad_clip, self.device, self.world)
+        if not r.finite:
             kept = (f"the last good checkpoint is step {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was saved before it")
             raise DivergedError(
-                f"training diverged at step {self.step + 1}: loss {loss}, grad norm {grad_norm}; {kept} "
+                f"training diverged at step {self.step + 1}: loss {r.loss}, grad norm {r.grad_norm}; {kept} "
                 f"(nothing of the bad state is saved). Lower train.lr or raise warmup_steps, then run again.",
                 step=self.step + 1,
             )
-        self.lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, tokens, label_tokens, micro[0]["input_ids"].shape[1]
+        return r.loss, r.grad_norm, r.tokens, r.label_tokens, r.seq_len
 
     # ------------------------------------------------------------------ metrics and checkpoints
 
@@ -247,32 +223,6 @@ class Worker:
         checkpoint.save(self.model, self.optimizer, state, report)
         self.last_checkpoint = self.step
         return time.perf_counter() - began
-
-
-def check_batches(micro: list[Batch], config, step: int, device: torch.device) -> None:
-    """Raise `TrainingError` on every rank when any rank's batch of `step` does not fit the model."""
-    longest = max(b["input_ids"].shape[1] for b in micro)
-    highest = max(int(b["input_ids"].max()) for b in micro)
-    lowest = min(int(b["input_ids"].min()) for b in micro)
-    mismatched = max(int(b["labels"].shape != b["input_ids"].shape) for b in micro)
-    worst = torch.tensor([longest, highest, -lowest, mismatched], dtype=torch.int64, device=device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    longest, highest, lowest, mismatched = worst[0].item(), worst[1].item(), -worst[2].item(), worst[3].item()
-    where = f"a batch of step {step}"
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and longest > max_pos:
-        raise TrainingError(
-            f"{where} has sequences of {longest} tokens, longer than the model's "
-            f"max_position_embeddings {max_pos}; set data.seq_len to at most {max_pos}"
-        )
-    if highest >= config.vocab_size or lowest < 0:
-        bad = highest if highest >= config.vocab_size else lowest
-        raise TrainingError(
-            f"{where} has token id {bad}, outside the model's vocabulary of {config.vocab_size}; "
-            f"the data was tokenized with a tokenizer that does not belong to this model"
-        )
-    if mismatched:
-        raise TrainingError(f"{where} has labels of another shape than input_ids; labels must align with input_ids")
 
 
 class _Interval:

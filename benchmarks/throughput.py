@@ -1,0 +1,350 @@
+"""Training throughput and peak memory: ELO pretraining vs full fine-tuning vs LoRA, each two ways.
+
+    python benchmarks/throughput.py --repeat 2             # CPU: bare loop and engine, one table
+    python benchmarks/throughput.py --bare-only --device cuda --shape 8b   # a lent GPU, no Ray
+    python benchmarks/throughput.py --impl bare,core --device cuda --shape 1b
+
+Three implementations of the same training step on the same shapes, trainable parameters,
+AdamW, loss (summed CE / label tokens), clipping and per-step loss sync:
+- bare:   a single-process PyTorch loop: the reference for what the hardware gives (bf16
+          autocast with fp32 master weights on GPU, fp32 on CPU);
+- core:   the engine's step without Ray: `elo_ray.train.model.build` (FSDP2 on a one-rank process
+          group, bf16 MixedPrecisionPolicy on GPU), `optim.build_optimizer`, `step.train_step` and
+          `step.check_batches`, weights loaded from a saved checkpoint (needs pydantic);
+- engine: `run_training` with ONE Ray Train worker: the core plus Ray Train, Ray Data rows through
+          the `BatchReader` path and metric reports (checkpoint and export at the end not timed).
+`core` separates what FSDP2 costs from what Ray and the data path cost. Token rows are random:
+tokenizing is the data plane's cost (its own benchmark).
+
+Throughput: tokens/s of the best interval of `--warmup` steps after the first (the engine's
+metric intervals; the others time the same intervals): this machine may be shared, and the best
+interval is what the code does when nothing else runs; the JSON also has the mean. Peak memory:
+on GPU the allocator's peak; on CPU the process's peak resident set (the engine's worker process
+also holds Ray). The analytic FLOP ratio comes from `elo_ray.train.metrics.train_flops_per_token`.
+
+Goals: the engine's ELO/full speed-up >= 0.9 of the bare loop's; the engine's ELO tokens/s with
+one worker >= 0.8 of the bare loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from elo_ray.train.metrics import train_flops_per_token  # noqa: E402  (no Ray, no pydantic)
+
+# Llama-like shapes; "cpu" keeps a realistic vocabulary and depth at a width a CPU can train.
+SHAPES = {
+    "cpu": dict(num_hidden_layers=24, hidden_size=256, intermediate_size=688, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=32000, seq_len=256, micro_batch=4),
+    "1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, seq_len=2048, micro_batch=4, tie_word_embeddings=True),
+    "8b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, seq_len=2048, micro_batch=2),
+}
+METHODS = ("elo", "full", "lora")
+IMPLS = ("bare", "core", "engine")
+ELO_LAYERS = 2
+LORA_RANK, LORA_ALPHA, LR = 16, 32.0, 1e-5
+
+
+def llama_config(shape: dict, method: str):
+    import transformers
+
+    kw = {k: v for k, v in shape.items() if k not in ("seq_len", "micro_batch")}
+    kw["max_position_embeddings"] = max(shape["seq_len"], 2048)
+    kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
+    if method == "elo":  # the detached model: first and last layer only
+        kw["num_hidden_layers"] = ELO_LAYERS
+        kw["elo_layers"] = [0, shape["num_hidden_layers"] - 1]
+    return transformers.LlamaConfig(**kw)
+
+
+def flops_per_token(shape: dict, method: str) -> int:
+    return train_flops_per_token(llama_config(shape, method), method, shape["seq_len"], LORA_RANK)
+
+
+def token_batches(shape: dict, n: int = 4) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, shape["vocab_size"], (shape["micro_batch"], shape["seq_len"]), generator=gen)
+            for _ in range(n)]
+
+
+def summary(rates: list[float], peak_gb: float) -> dict:
+    """Best and mean tokens/s over the timed intervals (the best is what the code does on a
+    machine shared with other work; the mean is kept in the JSON)."""
+    return {"tokens_per_s": max(rates), "mean_tokens_per_s": len(rates) / sum(1 / r for r in rates),
+            "rates": rates, "peak_memory_gb": peak_gb}
+
+
+def peak_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed(shape: dict, steps: int, warmup: int, device: torch.device, one_step) -> dict:
+    """Run `one_step(batch)` `steps` times; tokens/s per interval of `warmup` steps, the first dropped."""
+    batches = token_batches(shape)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens = warmup * shape["micro_batch"] * shape["seq_len"]
+    rates, start = [], time.perf_counter()
+    for step in range(steps):
+        one_step(batches[step % len(batches)])
+        if (step + 1) % warmup == 0:
+            now = time.perf_counter()
+            rates.append(tokens / (now - start))
+            start = now
+    return summary(rates[1:], peak_gb(device))
+
+
+# --------------------------------------------------------------------------- bare PyTorch
+
+
+def bare_run(shape: dict, method: str, device: torch.device, steps: int, warmup: int, workdir: str) -> dict:
+    import torch.nn.functional as F
+    import transformers
+
+    torch.manual_seed(0)
+    with device:
+        model = transformers.AutoModelForCausalLM.from_config(llama_config(shape, method), dtype=torch.float32)
+    if method == "elo":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("model.layers."))
+    elif method == "lora":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), fused=device.type == "cuda")
+    cuda = device.type == "cuda"
+
+    def one_step(ids):
+        ids = ids.to(device, non_blocking=True)
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        (loss / (ids.shape[0] * (ids.shape[1] - 1))).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    return timed(shape, steps, warmup, device, one_step)
+
+
+# --------------------------------------------------------------------------- the engine's step, no Ray
+
+
+def saved_model(shape: dict, method: str, device: torch.device, workdir: str) -> str:
+    """A random-init checkpoint of the method's model (the ELO model for elo), saved once."""
+    import transformers
+
+    kind = "elo" if method == "elo" else "full"
+    path = os.path.join(workdir, f"model-{kind}")
+    if not os.path.isdir(path):
+        torch.manual_seed(0)
+        with device:
+            model = transformers.AutoModelForCausalLM.from_config(llama_config(shape, kind))
+        if device.type == "cuda":
+            model = model.to(torch.bfloat16)  # as real checkpoints are stored; half the bytes to write
+        model.save_pretrained(path)
+        del model
+    return path
+
+
+def core_run(shape: dict, method: str, device: torch.device, steps: int, warmup: int, workdir: str) -> dict:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from elo_ray.config import TrainConfig
+    from elo_ray.train import model as model_lib
+    from elo_ray.train.optim import build_optimizer
+    from elo_ray.train.step import check_batches, train_step
+
+    if not dist.is_initialized():
+        store = os.path.join(workdir, f"pg-{os.getpid()}")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}",
+                                rank=0, world_size=1)
+    train = TrainConfig(method=method, lr=LR, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA)
+    stage = model_lib.build(saved_model(shape, method, device, workdir), train, device, init_device_mesh(device.type, (1,)))
+    optimizer = build_optimizer(stage.module, train, device)
+
+    def one_step(ids):
+        micro = [{"input_ids": ids, "labels": ids, "tokens": {"en": ids.numel()}}]
+        check_batches(micro, stage.config, 1, device)
+        train_step(stage.module, optimizer, micro, train.grad_clip, device, 1)
+
+    return timed(shape, steps, warmup, device, one_step)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+def engine_run(shape: dict, method: str, steps: int, warmup: int, workdir: str, cpus: float, repeat: int) -> dict:
+    """elo-ray's run_training with one worker; tokens/s from its metric intervals after warm-up."""
+    from elo_ray.config import ResourcesConfig, TrainConfig
+    from elo_ray.train import run_training
+    from elo_ray.train.synthetic import random_rows, rows_plan
+
+    b, s = shape["micro_batch"], shape["seq_len"]
+    plan = rows_plan(random_rows(steps * b, s, shape["vocab_size"]))
+    train = TrainConfig(method=method, lr=LR, max_steps=steps, micro_batch_size=b, log_every=warmup,
+                        checkpoint_every=10**6, lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA)
+    result = run_training(
+        name=f"bench-{method}-{repeat}", model_uri=saved_model(shape, method, torch.device("cpu"), workdir),
+        output_uri=os.path.join(workdir, f"out-{method}"), storage_uri=os.path.join(workdir, "runs"), train=train,
+        resources=ResourcesConfig(num_workers=1, cpus_per_worker=cpus, max_failures=0), plan=plan, seq_len=s,
+    )
+    with open(result.metrics_uri) as f:
+        records = [json.loads(line) for line in f][1:]  # the first interval is the warm-up
+    return summary([r["tokens_per_s"] for r in records], max(r["peak_memory_gb"] for r in records))
+
+
+# --------------------------------------------------------------------------- running them
+
+
+def _child(queue, fn, args, threads):
+    torch.set_num_threads(threads)
+    try:
+        queue.put(fn(*args))
+    except Exception as e:  # reported as a row
+        queue.put({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+
+
+def measure(impl: str, shape: dict, method: str, args, workdir: str, repeat: int) -> dict:
+    """One run. On CPU bare and core run in a fresh process each, so that the peak resident set
+    is their own; the engine's worker is a fresh process anyway."""
+    if impl == "engine":
+        return engine_run(shape, method, args.steps, args.warmup, workdir, float(args.threads), repeat)
+    fn = bare_run if impl == "bare" else core_run
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        try:
+            return fn(shape, method, device, args.steps, args.warmup, workdir)
+        except torch.cuda.OutOfMemoryError as e:
+            return {"error": f"out of memory ({str(e).splitlines()[0][:60]})"}
+        finally:
+            torch.cuda.empty_cache()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, fn, (shape, method, device, args.steps, args.warmup, workdir), args.threads))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def merge(rows: dict, key: tuple, result: dict) -> None:
+    """Pool the timed intervals of repeated runs; keep the highest peak memory."""
+    print(f"{key[0]:6s} {key[1]}: " + json.dumps({k: v for k, v in result.items() if k != "rates"}), flush=True)
+    old = rows.get(key)
+    if old is None or "error" in old or "error" in result:
+        rows[key] = old if old is not None and "error" not in old else result
+        return
+    rows[key] = summary(old["rates"] + result["rates"], max(old["peak_memory_gb"], result["peak_memory_gb"]))
+
+
+def table(shape_name: str, shape: dict, rows: dict, impls: list[str], device: str, threads: int) -> str:
+    def cell(r, key, spec):
+        return "-" if r is None else (r["error"][:28] if "error" in r else format(r[key], spec))
+
+    def ok(*rs):
+        return all(r is not None and "error" not in r for r in rs)
+
+    flops = {m: flops_per_token(shape, m) for m in METHODS}
+    head = "| method | GFLOP/token | " + " | ".join(f"{i} tok/s" for i in impls)
+    head += "".join(f" | {i}/bare" for i in impls if i != "bare") + " | " + " | ".join(f"{i} peak GiB" for i in impls) + " |"
+    lines = [
+        f"shape {shape_name}: {shape['num_hidden_layers']} layers (ELO model: {ELO_LAYERS}), hidden {shape['hidden_size']}, "
+        f"ffn {shape['intermediate_size']}, vocab {shape['vocab_size']}, {shape['micro_batch']} x {shape['seq_len']} "
+        f"tokens/step, " + (f"cpu, {threads} thread(s), fp32" if device == "cpu" else "cuda, bf16 compute, fp32 master"),
+        "", head, "| --- " * (head.count("|") - 1) + "|",
+    ]
+    for m in METHODS:
+        r = {i: rows.get((i, m)) for i in impls}
+        cols = [cell(r[i], "tokens_per_s", ",.0f") for i in impls]
+        cols += [f"{r[i]['tokens_per_s'] / r['bare']['tokens_per_s']:.2f}" if ok(r[i], r.get("bare")) else "-"
+                 for i in impls if i != "bare"]
+        cols += [cell(r[i], "peak_memory_gb", ".2f") for i in impls]
+        lines.append(f"| {m} | {flops[m] / 1e9:.3f} | " + " | ".join(cols) + " |")
+    lines += ["", f"analytic FLOP ratio full/ELO: {flops['full'] / flops['elo']:.2f}x (full/LoRA {flops['full'] / flops['lora']:.2f}x)"]
+    speedup = {}
+    for i in impls:
+        elo, full = rows.get((i, "elo")), rows.get((i, "full"))
+        if ok(elo, full):
+            speedup[i] = elo["tokens_per_s"] / full["tokens_per_s"]
+            rel = f" = {speedup[i] / speedup['bare']:.2f} of the bare loop's" if i != "bare" and "bare" in speedup else ""
+            lines.append(f"ELO/full speed-up, {i}: {speedup[i]:.2f}x{rel}")
+    if "engine" in speedup and "bare" in speedup:
+        ratio = speedup["engine"] / speedup["bare"]
+        elo = rows[("engine", "elo")]["tokens_per_s"] / rows[("bare", "elo")]["tokens_per_s"]
+        lines.append(f"goal: engine ELO/full speed-up >= 0.90 of bare: {ratio:.2f} {'met' if ratio >= 0.9 else 'MISSED'}")
+        lines.append(f"goal: engine ELO tok/s (1 worker) >= 0.80 of bare: {elo:.2f} {'met' if elo >= 0.8 else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: cpu on CPU, 1b on cuda")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--impl", default=None, help="comma list of bare,core,engine (default: bare,engine on CPU)")
+    parser.add_argument("--bare-only", action="store_true", help="same as --impl bare (no Ray, no pydantic)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per run, warm-up included")
+    parser.add_argument("--warmup", type=int, default=2, help="steps not timed (also the engine's log interval)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of bare and core; the engine's one worker gets as many CPUs")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each, alternating; intervals are pooled")
+    parser.add_argument("--json", help="also write the measurements to this file")
+    args = parser.parse_args(argv)
+    shape_name = args.shape or ("1b" if args.device == "cuda" else "cpu")
+    shape = SHAPES[shape_name]
+    methods = [m for m in args.methods.split(",") if m]
+    impls = ["bare"] if args.bare_only else (args.impl or "bare,engine").split(",")
+    if set(impls) - set(IMPLS) or set(methods) - set(METHODS):
+        parser.error(f"--impl takes {IMPLS}, --methods {METHODS}")
+    if args.steps <= args.warmup or (args.steps - args.warmup) % args.warmup:
+        parser.error("--steps must be --warmup plus a multiple of --warmup (the engine's log intervals)")
+    if args.device == "cuda" and "engine" in impls:
+        parser.error("the engine half runs on this CPU machine; on a lone GPU use --impl bare,core")
+
+    rows: dict = {}
+    with tempfile.TemporaryDirectory(prefix="elo-ray-bench-") as workdir:
+        if "engine" in impls:
+            import ray
+
+            os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+            ray.init(num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False)
+        for r in range(args.repeat):  # implementations alternate, so that load from elsewhere hits all alike
+            for m in methods:
+                for impl in impls:
+                    merge(rows, (impl, m), measure(impl, shape, m, args, workdir, r))
+        if "engine" in impls:
+            ray.shutdown()
+    print()
+    print(table(shape_name, shape, rows, impls, args.device, args.threads))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": shape_name, "device": args.device, "shape_config": shape,
+                       "rows": [{"impl": i, "method": m, **r} for (i, m), r in rows.items()]}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""One optimizer step of the worker loop, and the check that a batch fits the model.
+
+No Ray here: the loop calls these in every worker, and the benchmark's bare-vs-engine comparison
+calls them on a single-process group. Both are collective (every rank calls them).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from elo_ray.train.errors import TrainingError
+from elo_ray.train.reader import Batch
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's label tokens on all ranks
+    grad_norm: float  # before clipping
+    tokens: int  # input tokens of the step on all ranks
+    label_tokens: int
+    seq_len: int
+    finite: bool  # False: NaN/inf loss or norm; the update was not applied
+
+
+def train_step(model, optimizer, micro: list[Batch], grad_clip: float | None, device: torch.device, world: int) -> StepResult:
+    """Forward/backward over the micro-batches, clip, and the optimizer update (skipped when the
+    loss or the gradient norm is not finite). Collective: every rank calls it."""
+    counts = torch.tensor(
+        [sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro), sum(b["input_ids"].numel() for b in micro)],
+        dtype=torch.float64, device=device,
+    )
+    dist.all_reduce(counts)
+    label_tokens, tokens = int(counts[0]), int(counts[1])
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for b in micro:
+        input_ids = b["input_ids"].to(device, non_blocking=True)
+        labels = b["labels"].to(device, non_blocking=True)
+        # Predict token i+1 at position i; the last position has nothing to predict.
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        logits = model(input_ids=input_ids).logits
+        summed = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        # FSDP averages gradients over ranks; scale so the result is the mean over all label tokens.
+        (summed * (world / max(label_tokens, 1))).backward()
+        loss_sum += summed.detach()
+    dist.all_reduce(loss_sum)
+    loss = float(loss_sum) / max(label_tokens, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, tokens, label_tokens, micro[0]["input_ids"].shape[1], finite)
+
+
+def check_batches(micro: list[Batch], config, step: int, device: torch.device) -> None:
+    """Raise `TrainingError` on every rank when any rank's batch of `step` does not fit the model."""
+    longest = max(b["input_ids"].shape[1] for b in micro)
+    highest = max(int(b["input_ids"].max()) for b in micro)
+    lowest = min(int(b["input_ids"].min()) for b in micro)
+    mismatched = max(int(b["labels"].shape != b["input_ids"].shape) for b in micro)
+    worst = torch.tensor([longest, highest, -lowest, mismatched], dtype=torch.int64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    longest, highest, lowest, mismatched = worst[0].item(), worst[1].item(), -worst[2].item(), worst[3].item()
+    where = f"a batch of step {step}"
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and longest > max_pos:
+        raise TrainingError(
+            f"{where} has sequences of {longest} tokens, longer than the model's "
+            f"max_position_embeddings {max_pos}; set data.seq_len to at most {max_pos}"
+        )
+    if highest >= config.vocab_size or lowest < 0:
+        bad = highest if highest >= config.vocab_size else lowest
+        raise TrainingError(
+            f"{where} has token id {bad}, outside the model's vocabulary of {config.vocab_size}; "
+            f"the data was tokenized with a tokenizer that does not belong to this model"
+        )
+    if mismatched:
+        raise TrainingError(f"{where} has labels of another shape than input_ids; labels must align with input_ids")
