@@ -21,6 +21,8 @@ rebuilds them); every compared method always trains from scratch. See benchmarks
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the `replicate` pack
 
 from replicate import report  # noqa: E402
 from replicate.corpus import log  # noqa: E402
-from replicate.experiment import SIZES, Experiment, machine_info  # noqa: E402
+from replicate.experiment import SIZES, Experiment, Size, machine_info  # noqa: E402
 
 METHODS = ("full", "lora", "elo", "elo-middle")
 PUBLISHED = ROOT / "benchmarks" / "results"
@@ -49,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS),
                    help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
     p.add_argument("--middle-layers", default=None, help="the middle pair for elo-middle, e.g. 5,6 (default: the two middle layers)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the size preset, e.g. --set cp_tokens=100000 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray (default: all)")
     p.add_argument("--fresh", action="store_true", help="rebuild the tokenizer and base model even if settings match")
@@ -60,7 +64,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    try:
+        args.size_config = with_overrides(SIZES[args.size], args.overrides)
+    except ValueError as e:
+        p.error(f"--set: {e}")
     return args
+
+
+def with_overrides(size: Size, overrides: list[str]) -> Size:
+    """`size` with `FIELD=VALUE` overrides, each value parsed as the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(size)}
+    changes = {}
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            close = difflib.get_close_matches(name, fields, n=1)
+            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of the preset's fields"
+                             + (f"; did you mean {close[0]}?" if close else f" ({', '.join(fields)})"))
+        current = getattr(size, name)
+        kind = type(current) if current is not None else int
+        changes[name] = None if raw.lower() == "none" else kind(float(raw)) if kind is int else kind(raw)
+    return dataclasses.replace(size, **changes)
 
 
 def start_ray(args: argparse.Namespace) -> None:
@@ -96,7 +120,7 @@ def main(argv=None) -> int:
         return 0
 
     began = time.perf_counter()
-    size = SIZES[args.size]
+    size = args.size_config
     methods = args.methods.split(",")
     middle = tuple(int(x) for x in args.middle_layers.split(",")) if args.middle_layers else size.middle_pair
     exp = Experiment(out, size, size_name=args.size, device=args.device, seed=args.seed, fresh=args.fresh)
@@ -113,6 +137,7 @@ def main(argv=None) -> int:
     base_ppl = exp.perplexity(exp.base_dir)
     results = {
         "size_name": args.size, "size": asdict(size), "device": args.device,
+        "command": " ".join(["benchmarks/replicate.py", *(argv if argv is not None else sys.argv[1:])]),
         "device_name": exp.info.get("gpu") or f"{exp.info['cpus']} CPU cores",
         "corpus": {lang: c.stats for lang, c in exp.corpus.items()},
         "base": {"params": exp._trainable(exp.base_dir, "full"), "run": asdict(base_run), "perplexity": base_ppl},

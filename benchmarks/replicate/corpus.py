@@ -246,7 +246,7 @@ def build(out_dir: Path, *, max_pages: int | None = None, heldout_pct: float = 5
         saved = json.loads(manifest.read_text())
         if saved.get("settings") == json.loads(json.dumps(settings)):
             log(f"corpus: reusing {out_dir}")
-            return {lang: LanguageCorpus(lang, Path(c["train"]), Path(c["heldout"]), c["packages"], c["stats"])
+            return {lang: LanguageCorpus(lang, out_dir / c["train"], out_dir / c["heldout"], c["packages"], c["stats"])
                     for lang, c in saved["languages"].items()}
     if shutil.which("man") is None or shutil.which("col") is None:
         raise CorpusError("rendering manual pages needs man-db and bsdextrautils: apt-get install -y man-db bsdextrautils")
@@ -260,7 +260,7 @@ def build(out_dir: Path, *, max_pages: int | None = None, heldout_pct: float = 5
             + (f", {s['not_japanese']} mostly non-Japanese" if lang == "ja" else ""))
     manifest.write_text(json.dumps({
         "settings": settings,
-        "languages": {lang: {"train": str(c.train), "heldout": str(c.heldout), "packages": c.packages,
+        "languages": {lang: {"train": c.train.name, "heldout": c.heldout.name, "packages": c.packages,
                              "stats": c.stats} for lang, c in corpora.items()},
     }, indent=2, ensure_ascii=False))
     return corpora

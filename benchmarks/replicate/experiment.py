@@ -58,6 +58,7 @@ class Size:
     lora_lr: float  # peak lr of LoRA (adapters train from zero; the usual practice is a higher lr)
     align_lr: float  # peak lr of the alignment after ELO
     lora_rank: int = 16
+    base_ja_share: float = 0.0  # Japanese share of the base pretraining (0: English only, as issue #7 asks)
     log_every: int = 10  # optimizer steps between metric records (the loss curves' resolution)
 
     @property
@@ -65,6 +66,10 @@ class Size:
         """The two middle layers, the paper's (16, 17) of 32 in 0-based indices."""
         return (self.num_layers // 2 - 1, self.num_layers // 2)
 
+
+# The fields the base model depends on: a rerun that changes only others reuses it.
+BASE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "seq_len",
+               "micro_batch_size", "base_tokens", "max_pages", "heldout_pct", "base_lr", "base_ja_share", "log_every")
 
 SIZES = {
     # The test's setting: a handful of pages, a 4-layer model, a few steps of everything.
@@ -74,7 +79,7 @@ SIZES = {
                   align_lr=3e-4, lora_rank=4, log_every=2),
     # The default: under an hour on 2 CPU cores.
     "small": Size(hidden_size=256, intermediate_size=688, num_layers=12, num_heads=4, num_kv_heads=2,
-                  vocab_size=8192, seq_len=256, micro_batch_size=8, base_tokens=900_000, cp_tokens=300_000,
+                  vocab_size=8192, seq_len=256, micro_batch_size=8, base_tokens=800_000, cp_tokens=240_000,
                   align_share=0.1, eval_tokens=16_384, max_pages=None, heldout_pct=5, base_lr=1e-3, cp_lr=3e-4,
                   lora_lr=1e-3, align_lr=1e-4),
     # GPUs (--device cuda): a wider, deeper model, the whole corpus several times over.
@@ -201,11 +206,11 @@ class Experiment:
         return [SourceConfig(uri=str(self.out / "corpus" / f"{lang}.{f}.jsonl"), language=lang)
                 for lang in languages for f in files]
 
-    def data_config(self, part: str, tokens: int, languages=("en", "ja"), seed_offset: int = 0):
+    def data_config(self, part: str, tokens: int, languages=("en", "ja"), seed_offset: int = 0, weights=None):
         from elo_ray.config import DataConfig
 
         return DataConfig(sources=self.sources(part, languages), seq_len=self.size.seq_len, max_tokens=tokens,
-                          heldout_docs=0, seed=self.seed + seed_offset)
+                          weights=weights, heldout_docs=0, seed=self.seed + seed_offset)
 
     def train_tokenizer(self) -> None:
         """A byte-level BPE tokenizer trained on both languages' training text (no held-out text)."""
@@ -319,7 +324,8 @@ class Experiment:
         from transformers import AutoTokenizer
 
         s = self.size
-        settings = {"size": asdict(s), "seed": self.seed, "tokenizer": json.loads((self.tokenizer_dir / "settings.json").read_text())}
+        settings = {"size": {k: v for k, v in asdict(s).items() if k in BASE_FIELDS}, "seed": self.seed,
+                    "tokenizer": json.loads((self.tokenizer_dir / "settings.json").read_text())}
         marker = self.base_dir / "replicate-base.json"
         if not self.fresh and marker.is_file():
             saved = json.loads(marker.read_text())
@@ -340,9 +346,12 @@ class Experiment:
         tok.save_pretrained(init)
         self.info["base_params"] = sum(p.numel() for p in model.parameters())
         log(f"base: pretraining a {s.num_layers}-layer Llama of {self.info['base_params'] / 1e6:.1f}M parameters "
-            f"from scratch on {s.base_tokens:,} English tokens")
-        run = self.train("base", self.runs / "base", init, self.base_dir, method="full", lr=s.base_lr,
-                         data_cfg=self.data_config("train", s.base_tokens, languages=("en",)))
+            f"from scratch on {s.base_tokens:,} tokens, {100 * (1 - s.base_ja_share):.0f}% English")
+        if s.base_ja_share > 0:
+            data_cfg = self.data_config("train", s.base_tokens, weights={"en": 1 - s.base_ja_share, "ja": s.base_ja_share})
+        else:
+            data_cfg = self.data_config("train", s.base_tokens, languages=("en",))
+        run = self.train("base", self.runs / "base", init, self.base_dir, method="full", lr=s.base_lr, data_cfg=data_cfg)
         marker.write_text(json.dumps({"settings": settings, "run": asdict(run)}))
         return run
 

@@ -112,7 +112,7 @@ def markdown(results: dict) -> str:
     s, info = results["size"], results["info"]
     base = results["base"]
     lines = [
-        f"# Replication in miniature: `--size {results['size_name']}` on {results['device_name']}",
+        f"# Replication in miniature: `{results.get('command', '--size ' + results['size_name'])}` on {results['device_name']}",
         "",
         f"Base model: Llama-shaped, {s['num_layers']} layers, hidden {s['hidden_size']}, "
         f"{base['params'] / 1e6:.1f}M parameters, vocabulary {info.get('vocab_size', s['vocab_size'])}, "
