@@ -437,6 +437,8 @@ def machine_info(device: str) -> dict:
                                                 text=True, cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         pass
+    # A run from an exported copy of the tree (git archive) has no .git: the caller names the commit.
+    info["elo_ray_commit"] = info.get("elo_ray_commit") or os.environ.get("ELO_RAY_COMMIT", "unknown")
     return info
 
 
