@@ -48,8 +48,8 @@ class _Rows:
         while True:
             n = 0
             for batch in self.shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=1):
-                # Copies: the arrays may be zero-copy views of object-store memory that Ray reuses once
-                # the block is released, while rows wait in the shuffle window.
+                # Copies: a zero-copy row waiting in the shuffle window would pin its whole block
+                # in the object store.
                 ids = np.array(batch["input_ids"])
                 labels = None if batch.get("labels") is None else np.array(batch["labels"])
                 tokens = batch.get("tokens")
