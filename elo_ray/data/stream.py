@@ -128,7 +128,9 @@ def _read_unit(index: int, unit: Unit, job: _Job, count_only: bool):
     yield from ready(0)
 
 
+@functools.cache
 def _datasource_class():
+    """Defined on first use, so that validating sources and reading held-out sets need no Ray."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
