@@ -125,6 +125,9 @@ class ResourcesConfig(Config):
         1.0, gt=0, description="CPUs reserved per worker; the rest read and tokenize data."
     )
     max_failures: int = Field(1, ge=0, description="Worker failures a stage survives by restarting.")
+    gpu_type: Literal["A100-40GB", "A100-80GB", "H100-80GB", "H200-141GB", "L4-24GB", "A10G-24GB"] = Field(
+        "A100-80GB", description="The GPUs the workers run on; `validate` checks each stage's memory estimate against it."
+    )
 
 
 # --------------------------------------------------------------------------- stages

@@ -1,0 +1,170 @@
+"""The five stages of an ELO job, one function each, in pipeline order.
+
+Each takes a `StageContext` (the run, its spec, the manifests of its inputs) and returns a
+`StageResult` (named output URIs and metrics); `pipeline.run_pipeline` commits the manifest.
+Training stages run as Ray Train runs through the one worker loop in `elo_ray.train`; merge
+and chat vector run as Ray tasks (on a cluster they land on nodes with CPUs and memory).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import ray
+
+from elo_ray import builtin, data, evaluate, storage, surgery
+from elo_ray.config import DataConfig, TrainConfig
+from elo_ray.pipeline import StageContext, StageResult, log
+from elo_ray.train import run_training
+
+
+def ensure_ray() -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray.
+
+    Called by each stage as it starts, so that a rerun whose stages are all committed
+    never pays for starting Ray."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def _on_ray(fn):
+    @functools.wraps(fn)
+    def wrapper(ctx: StageContext) -> StageResult:
+        ensure_ray()
+        return fn(ctx)
+
+    return wrapper
+
+
+def base_model(ctx: StageContext) -> str:
+    return builtin.resolve(ctx.spec.model.base, ctx.spec.storage.root)
+
+
+def tokenizer_uri(ctx: StageContext) -> str:
+    return builtin.resolve(ctx.spec.model.tokenizer or ctx.spec.model.base, ctx.spec.storage.root)
+
+
+def _resolved_data(cfg: DataConfig, root: str) -> DataConfig:
+    sources = [s.model_copy(update={"uri": builtin.resolve(s.uri, root)}) for s in cfg.sources]
+    return cfg.model_copy(update={"sources": sources})
+
+
+def _train(ctx: StageContext, model_uri: str, train: TrainConfig, plan, seq_len: int) -> StageResult:
+    output = storage.join(ctx.uri, "model")
+    result = run_training(
+        name=f"{ctx.stage}-{ctx.config_hash[:12]}",
+        model_uri=model_uri,
+        output_uri=output,
+        storage_uri=storage.join(ctx.uri, "ray"),
+        train=train,
+        resources=ctx.spec.resources,
+        plan=plan,
+        seq_len=seq_len,
+    )
+    return StageResult(uris={"model": output}, metrics=result.metrics)
+
+
+def _remote(fn, *args, **kwargs):
+    """Run a streaming surgery function as a Ray task and wait for it."""
+    return ray.get(ray.remote(num_cpus=1, max_retries=2)(fn).remote(*args, **kwargs))
+
+
+@_on_ray
+def pretrain(ctx: StageContext) -> StageResult:
+    """Detach the chosen layers (or warm-start from an earlier ELO model) and train them."""
+    cfg = ctx.spec.pretrain
+    if cfg.init_from:
+        model_uri = builtin.resolve(cfg.init_from, ctx.spec.storage.root)
+        log(f"pretrain: warm start from {model_uri}")
+    else:
+        model_uri = storage.join(ctx.uri, "work", "init")
+        log(f"pretrain: detaching layers {cfg.layers} of {base_model(ctx)}")
+        _remote(surgery.save_detached, base_model(ctx), tuple(cfg.layers), model_uri, overwrite=True)
+    data_cfg = _resolved_data(cfg.data, ctx.spec.storage.root)
+    plan = data.plan_pretrain_stream(data_cfg, tokenizer_uri(ctx), world_size=ctx.spec.resources.num_workers)
+    return _train(ctx, model_uri, cfg.train.model_copy(update={"method": "elo"}), plan, data_cfg.seq_len)
+
+
+@_on_ray
+def merge(ctx: StageContext) -> StageResult:
+    """Write the trained ELO layers back over the base model's layers."""
+    out = storage.join(ctx.uri, "model")
+    _remote(surgery.merge, base_model(ctx), ctx.input_model(), out, overwrite=True)
+    return StageResult(uris={"model": out})
+
+
+@_on_ray
+def align(ctx: StageContext) -> StageResult:
+    """Brief full fine-tuning of the merged model on bilingual data."""
+    cfg = ctx.spec.align
+    data_cfg = cfg.data or ctx.spec.pretrain.data
+    if cfg.data is None and cfg.max_tokens:
+        data_cfg = data_cfg.model_copy(update={"max_tokens": cfg.max_tokens})
+    data_cfg = _resolved_data(data_cfg, ctx.spec.storage.root)
+    plan = data.plan_pretrain_stream(data_cfg, tokenizer_uri(ctx), world_size=ctx.spec.resources.num_workers)
+    return _train(ctx, ctx.input_model(), cfg.train, plan, data_cfg.seq_len)
+
+
+@_on_ray
+def instruct(ctx: StageContext) -> StageResult:
+    """Chat vector (instruct - base, added to the aligned model), then instruction tuning."""
+    cfg, spec = ctx.spec.instruct, ctx.spec
+    model_uri = ctx.input_model()
+    if cfg.chat_vector.enabled and spec.model.instruct:
+        out = storage.join(ctx.uri, "model" if not cfg.sft_enabled else "work/chat_vector")
+        log(f"instruct: adding the chat vector {spec.model.instruct} - {base_model(ctx)}")
+        _remote(
+            surgery.chat_vector, model_uri, base_model(ctx), builtin.resolve(spec.model.instruct, spec.storage.root),
+            out, scale=cfg.chat_vector.scale, skip=tuple(cfg.chat_vector.skip), overwrite=True,
+        )
+        model_uri = out
+    if not cfg.sft_enabled:
+        return StageResult(uris={"model": model_uri})
+    data_cfg = cfg.data.model_copy(
+        update={"sources": [s.model_copy(update={"uri": builtin.resolve(s.uri, spec.storage.root)}) for s in cfg.data.sources]}
+    )
+    plan = data.plan_chat_stream(data_cfg, tokenizer_uri(ctx), world_size=spec.resources.num_workers)
+    return _train(ctx, model_uri, cfg.train, plan, data_cfg.seq_len)
+
+
+def _perplexities(models: dict[str, str], heldout: dict[str, list[list[int]]], use_gpu: bool) -> dict[str, dict[str, float]]:
+    import tempfile
+
+    import transformers
+
+    device = "cuda" if use_gpu else "cpu"
+    rows = {}
+    for name, uri in models.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            local = uri if not storage.has_scheme(uri) else storage.download(uri, tmp)
+            model = transformers.AutoModelForCausalLM.from_pretrained(local)
+        max_len = min(1024, model.config.max_position_embeddings)
+        rows[name] = evaluate.perplexity(model, heldout, max_len=max_len, device=device)
+    return rows
+
+
+@_on_ray
+def eval(ctx: StageContext) -> StageResult:  # noqa: A001 - the stage is called eval
+    """Held-out perplexity per language for the base model and each stage's output."""
+    spec = ctx.spec
+    data_cfg = _resolved_data(spec.pretrain.data, spec.storage.root)
+    heldout = data.heldout(data_cfg, tokenizer_uri(ctx))
+    heldout = {lang: docs[: spec.eval.max_docs] for lang, docs in heldout.items()}
+    models = {"base": base_model(ctx), **{name: m.uris["model"] for name, m in ctx.inputs.items()}}
+    task = ray.remote(num_cpus=1, num_gpus=1 if spec.resources.use_gpu else 0)(_perplexities)
+    rows = ray.get(task.remote(models, heldout, spec.resources.use_gpu))
+    table = evaluate.format_table(rows)
+    storage.write_text(storage.join(ctx.uri, "perplexity.json"), json.dumps(rows, indent=2))
+    storage.write_text(storage.join(ctx.uri, "perplexity.md"), table + "\n")
+    log("eval: held-out perplexity (lower is better)\n" + table)
+    return StageResult(uris={"table": storage.join(ctx.uri, "perplexity.md")}, metrics={"perplexity": rows})
+
+
+STAGES = {"pretrain": pretrain, "merge": merge, "align": align, "instruct": instruct, "eval": eval}

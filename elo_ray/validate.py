@@ -1,0 +1,119 @@
+"""`elo-ray validate`: everything that can be checked before GPUs are spent.
+
+Each check returns problem lines, each naming the key or URI and what to do; warnings are
+things that may still work (memory estimates) and do not fail validation.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+from elo_ray import builtin, pipeline, storage
+from elo_ray.config import JobSpec
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_storage(spec: JobSpec) -> list[str]:
+    """Storage root reachable and writable: write, read back and delete a probe object."""
+    root = spec.storage.root
+    probe = storage.join(root, f".elo-ray-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        storage.write_text(probe, "probe")
+        if storage.read_text(probe) != "probe":
+            return [f"storage.root: {root} did not return what was written"]
+        storage.remove(probe)
+    except Exception as e:  # any failure here is the user's to fix, and says what it was
+        return [f"storage.root: cannot write to {root}: {type(e).__name__}: {e}"]
+    return []
+
+
+def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
+    """Base model readable, architecture supported, layers in range, tokenizer matches."""
+    from elo_ray import surgery
+
+    problems: list[str] = []
+    try:
+        base = builtin.resolve(spec.model.base, spec.storage.root)
+        config = surgery.checkpoint_config(base)
+    except Exception as e:
+        return [f"model.base: {e}"], None
+    if spec.pretrain.enabled and not spec.pretrain.init_from:
+        try:
+            surgery.validate_layers(config.num_hidden_layers, spec.pretrain.layers)
+        except Exception as e:
+            problems.append(f"pretrain.layers: {e}")
+    for key in ("tokenizer", "instruct"):
+        uri = getattr(spec.model, key)
+        if key == "tokenizer":
+            uri = uri or spec.model.base
+        if uri is None:
+            continue
+        try:
+            uri = builtin.resolve(uri, spec.storage.root)
+            if key == "tokenizer":
+                from elo_ray.data.tokens import load_tokenizer
+
+                tok = load_tokenizer(uri)
+                if len(tok) > config.vocab_size:
+                    problems.append(
+                        f"model.tokenizer: {len(tok)} tokens but the model's vocab_size is {config.vocab_size}; "
+                        "use the tokenizer that came with the model"
+                    )
+                if tok.eos_token_id is None:
+                    problems.append(f"model.tokenizer: {uri} has no EOS token; documents cannot be separated")
+            else:
+                other = surgery.checkpoint_config(uri)
+                if other.model_type != config.model_type or other.hidden_size != config.hidden_size:
+                    problems.append(
+                        f"model.instruct: {uri} is {other.model_type} with hidden size {other.hidden_size}, "
+                        f"the base is {config.model_type} with {config.hidden_size}; the chat vector needs the same architecture"
+                    )
+        except Exception as e:
+            problems.append(f"model.{key}: {e}")
+    return problems, config
+
+
+def check_data(spec: JobSpec) -> list[str]:
+    from elo_ray import data
+
+    problems = []
+    sections = [("pretrain.data", spec.pretrain.data if spec.pretrain.enabled else None),
+                ("align.data", spec.align.data if spec.align.enabled else None),
+                ("instruct.data", spec.instruct.data if spec.instruct.enabled and spec.instruct.sft_enabled else None)]
+    for key, cfg in sections:
+        if cfg is None:
+            continue
+        try:
+            sources = [s.model_copy(update={"uri": builtin.resolve(s.uri, spec.storage.root)}) for s in cfg.sources]
+        except ValueError as e:
+            problems.append(f"{key}.sources: {e}")
+            continue
+        problems += [f"{key}: {p}" for p in data.validate_sources(cfg.model_copy(update={"sources": sources}))]
+    return problems
+
+
+def validate(spec: JobSpec) -> Report:
+    report = Report()
+    report.problems += pipeline.check_stage_plan(spec)
+    report.problems += check_storage(spec)
+    if report.problems and any(p.startswith("storage.root") for p in report.problems):
+        return report  # model and data checks would only repeat the storage failure
+    model_problems, config = check_model(spec)
+    report.problems += model_problems
+    report.problems += check_data(spec)
+    if config is not None:
+        from elo_ray.capacity import GPUS, memory_warnings
+
+        gpu = spec.resources.gpu_type
+        report.warnings += memory_warnings(spec, config, gpu_memory_gib=GPUS[gpu], gpu_name=gpu)
+    return report
