@@ -573,6 +573,15 @@ def _stream_elementwise(dst, n: int, out_dtype: torch.dtype, sources, fn) -> Non
 # Detach
 
 
+def check_checkpoint(checkpoint: str) -> transformers.PretrainedConfig:
+    """What surgery needs of a checkpoint, checked without reading tensors: its config,
+    safetensors weights, and decoder layers at `model.layers`. Returns the config."""
+    ckpt = _Checkpoint(checkpoint)
+    ckpt.check_architecture()
+    return ckpt.config
+
+
+
 def _causal_lm_class(config: transformers.PretrainedConfig, uri: str):
     cls = transformers.MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     if cls is None:

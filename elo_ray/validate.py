@@ -44,7 +44,7 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
     problems: list[str] = []
     try:
         base = builtin.resolve(spec.model.base, spec.storage.root)
-        config = surgery.checkpoint_config(base)
+        config = surgery.check_checkpoint(base)
     except Exception as e:
         return [f"model.base: {e}"], None
     if spec.pretrain.enabled and not spec.pretrain.init_from:

@@ -1,0 +1,129 @@
+"""`elo-ray validate`: each check, with its message, before any GPU is spent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+
+from elo_ray.capacity import GPUS
+from elo_ray.config import ResourcesConfig, spec_from_dict
+from elo_ray.tiny import tiny_config, tiny_model
+from elo_ray.validate import validate
+
+ELO_RAY = str(Path(sys.executable).parent / "elo-ray")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_tokenizer):
+    """A 4-layer model with its tokenizer, and a small two-language corpus."""
+    root = tmp_path_factory.mktemp("validate")
+    model = tiny_model(tiny_config(num_hidden_layers=4, vocab_size=len(tiny_tokenizer)))
+    model.save_pretrained(root / "model")
+    tiny_tokenizer.save_pretrained(root / "model")
+    for lang, text in (("en", "A short document."), ("ko", "짧은 문서입니다.")):
+        (root / f"{lang}.jsonl").write_text("\n".join(json.dumps({"text": f"{text} {i}"}) for i in range(20)) + "\n")
+    return root
+
+
+def raw_spec(root: Path, **changes) -> dict:
+    raw = {
+        "storage": {"root": str(root / "runs")},
+        "model": {"base": str(root / "model")},
+        "pretrain": {"layers": [0, -1], "data": {"seq_len": 16, "sources": [
+            {"uri": str(root / "en.jsonl"), "language": "en"}, {"uri": str(root / "ko.jsonl"), "language": "ko"}]}},
+    }
+    for key, value in changes.items():
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return raw
+
+
+def problems(root: Path, **changes) -> list[str]:
+    return validate(spec_from_dict(raw_spec(root, **changes))).problems
+
+
+def test_a_good_spec_has_no_problems(workspace):
+    report = validate(spec_from_dict(raw_spec(workspace)))
+    assert report.problems == [] and report.warnings == []
+
+
+def test_storage_that_cannot_be_written(workspace):
+    (workspace / "a-file").write_text("x")
+    [line] = problems(workspace, **{"storage.root": str(workspace / "a-file" / "runs")})
+    assert line.startswith(f"storage.root: cannot write to {workspace / 'a-file' / 'runs'}")
+
+
+def test_storage_bucket_that_does_not_exist(workspace, s3_endpoint):
+    [line] = problems(workspace, **{"storage.root": "s3://no-such-bucket-elo/runs"})
+    assert line.startswith("storage.root: cannot write to s3://no-such-bucket-elo/runs")
+    assert "testing" not in line  # never a credential in a message
+
+
+def test_model_that_is_missing(workspace):
+    [line] = problems(workspace, **{"model.base": str(workspace / "nope")})
+    assert line.startswith("model.base: ") and str(workspace / "nope") in line
+
+
+def test_architecture_without_decoder_layers(workspace):
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=400))
+    gpt2.save_pretrained(workspace / "gpt2")
+    [line] = problems(workspace, **{"model.base": str(workspace / "gpt2")})
+    assert line.startswith("model.base: ") and "model.layers" in line
+
+
+def test_layers_out_of_range(workspace):
+    [line] = problems(workspace, **{"pretrain.layers": [0, 7]})
+    assert line == "pretrain.layers: layer index 7 is out of range for a model with 4 decoder layers; use 0..3 or -4..-1"
+
+
+def test_data_source_missing_and_empty(workspace):
+    (workspace / "empty").mkdir()
+    sources = [{"uri": str(workspace / "missing.jsonl"), "language": "en"},
+               {"uri": str(workspace / "empty" / "*.jsonl"), "language": "ko"}]
+    lines = problems(workspace, **{"pretrain.data.sources": sources})
+    assert len(lines) == 2
+    assert lines[0].startswith(f"pretrain.data: {workspace / 'missing.jsonl'}: no such file")
+    assert lines[1].startswith("pretrain.data: ") and str(workspace / "empty" / "*.jsonl") in lines[1]
+
+
+def test_tokenizer_larger_than_the_models_vocabulary(workspace, tiny_tokenizer):
+    small = tiny_model(tiny_config(num_hidden_layers=4, vocab_size=64))
+    small.save_pretrained(workspace / "small-vocab")
+    tiny_tokenizer.save_pretrained(workspace / "small-vocab")
+    [line] = problems(workspace, **{"model.base": str(workspace / "small-vocab")})
+    assert line == (f"model.tokenizer: {len(tiny_tokenizer)} tokens but the model's vocab_size is 64; "
+                    "use the tokenizer that came with the model")
+
+
+def test_gpu_memory_estimate_warns_with_numbers(workspace):
+    report = validate(spec_from_dict(raw_spec(workspace, **{
+        "resources": {"use_gpu": True, "num_workers": 1, "gpu_type": "L4-24GB"},
+        "pretrain.data.seq_len": 200_000, "pretrain.train": {"micro_batch_size": 64}})))
+    assert any(w.startswith("pretrain: estimated") and "24 GiB of an L4-24GB" in w for w in report.warnings)
+
+
+def test_gpu_types_are_those_the_estimate_knows():
+    assert set(typing.get_args(ResourcesConfig.model_fields["gpu_type"].annotation)) == set(GPUS)
+
+
+def test_cli_exits_2_with_one_line_per_problem(workspace):
+    spec = workspace / "bad.yaml"
+    import yaml
+
+    spec.write_text(yaml.safe_dump(raw_spec(workspace, **{"pretrain.layers": [0, 9], "model.instruct": None})))
+    proc = subprocess.run([ELO_RAY, "validate", str(spec), "--set", "pretrain.data.seq_len=16"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "pretrain.layers: layer index 9 is out of range" in proc.stderr
+    proc = subprocess.run([ELO_RAY, "validate", str(spec), "--set", "pretrain.layerz=[0]"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--set pretrain.layerz: unknown key; did you mean 'layers'?" in proc.stderr
