@@ -4,6 +4,7 @@ run is shared by the tests that only read what it produced."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -87,8 +88,6 @@ def elo_run(ray_local, models):
 
 
 def test_elo_loss_decreases_on_a_learnable_stream(elo_run):
-    import json
-
     records = [json.loads(line) for line in open(elo_run["result"].metrics_uri)]
     assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
@@ -202,6 +201,7 @@ def test_resume_with_another_model_names_the_mismatch(elo_run, models, tmp_path)
     assert "elo_layers: checkpoint [0, 3], model [0, 2]" in message
     assert "model.layers.0.mlp.gate_proj.weight: checkpoint shape [64, 32], model shape [48, 32]" in message
     assert not (tmp_path / "out").exists()
+    assert len(open(elo_run["result"].metrics_uri).readlines()) == STEPS // 2  # the run's record is kept
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(ray_local, models, tmp_path):
@@ -212,6 +212,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(ray_loc
     assert "training diverged at step 2: loss nan" in str(e.value)
     assert "the last good checkpoint is step 1" in str(e.value)
     assert sorted(n for n in os.listdir(tmp_path / "nan") if n.startswith("checkpoint_0")) == ["checkpoint_00000001"]
+    assert [json.loads(line)["step"] for line in open(tmp_path / "nan" / "metrics.jsonl")] == [1]
     assert not (tmp_path / "out").exists()
 
 

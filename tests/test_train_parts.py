@@ -209,6 +209,15 @@ def test_elo_method_needs_a_detached_checkpoint(tmp_path):
         run_rejected(tmp_path, tiny_config(num_hidden_layers=4), TrainConfig(method="elo"))
 
 
+def test_export_over_the_input_checkpoint_is_rejected(tmp_path):
+    path = saved(elo_config(), tmp_path / "model")
+    with pytest.raises(TrainingError, match="is the input checkpoint; export the trained model elsewhere"):
+        run_training(
+            name="x", model_uri=path, output_uri=path + "/", storage_uri=str(tmp_path / "runs"),
+            train=TrainConfig(method="elo"), resources=ResourcesConfig(), plan=Plan(), seq_len=32,
+        )
+
+
 def test_stream_shorter_than_one_step_is_rejected(tmp_path):
     with pytest.raises(TrainingError, match="64 sequences, fewer than one step needs \\(2 workers x micro_batch_size 8 x grad_accum 8\\)"):
         run_rejected(tmp_path, elo_config(), TrainConfig(method="elo", micro_batch_size=8, grad_accum=8))

@@ -13,6 +13,7 @@ generation config and tokenizer files copied from beside the input checkpoint.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -28,11 +29,6 @@ from elo_ray import storage
 from elo_ray.train.model import SafetensorsDir, checkpoint_name
 
 MAX_SHARD_BYTES = 5 * 2**30
-CONFIG_FILES = ("config.json", "generation_config.json")
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-)
 _DTYPES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -151,11 +147,12 @@ def export(model: nn.Module, model_dir: str, output_uri: str, max_shard_bytes: i
                 "weight_map": {e.name: n for n, g in zip(names, groups) for e in g},
             }
             storage.write_text(storage.join(output_uri, "model.safetensors.index.json"), json.dumps(index, indent=2))
-        for file in CONFIG_FILES + TOKENIZER_FILES:
-            path = os.path.join(model_dir, file)
-            if os.path.isfile(path):
-                with open(path, "rb") as src:
-                    storage.write_bytes(storage.join(output_uri, file), src.read())
+        from elo_ray.surgery import SIDE_FILES  # tokenizer and generation files, as surgery copies them
+
+        side = sorted(n for n in os.listdir(model_dir) if any(fnmatch.fnmatch(n, p) for p in SIDE_FILES))
+        for file in side + ["config.json"]:  # config.json last: it marks a finished checkpoint
+            with open(os.path.join(model_dir, file), "rb") as src:
+                storage.write_bytes(storage.join(output_uri, file), src.read())
     if dist.is_initialized():
         dist.barrier()
     return names

@@ -35,9 +35,9 @@ from elo_ray.config import TrainConfig
 from elo_ray.train import checkpoint, export, metrics
 from elo_ray.train import model as model_lib
 from elo_ray.train.errors import DivergedError, TrainingError
-from elo_ray.train.step import check_batches, train_step
 from elo_ray.train.optim import build_optimizer, build_scheduler
 from elo_ray.train.reader import Batch, BatchReader
+from elo_ray.train.step import check_batches, train_step
 
 ERROR_FILE = "error.json"
 METRICS_FILE = "metrics.jsonl"
@@ -66,7 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
         # Raised on every rank at the same point (checks are collective): end cleanly so that
         # Ray Train does not retry what cannot succeed, and leave the reason for the driver.
         if worker.rank == 0:
-            worker.log.write()
+            if worker.log is not None:  # keep the curve up to the failure
+                worker.log.write()
             record = {"type": type(e).__name__, "message": str(e), "step": getattr(e, "step", None)}
             storage.write_text(storage.join(loop.run_uri, ERROR_FILE), json.dumps(record))
 
@@ -81,7 +82,7 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
         self.device = ray.train.torch.get_device()
-        self.log = metrics.MetricsLog(storage.join(loop.run_uri, METRICS_FILE))
+        self.log: metrics.MetricsLog | None = None  # rank 0's records, once the run's are read back
 
     # ------------------------------------------------------------------ set-up
 
@@ -111,7 +112,8 @@ class Worker:
             self.scheduler.load_state_dict(saved["scheduler"])
         self.resumed_from = self.step
         self.last_checkpoint = self.step if saved else None
-        self.log = metrics.MetricsLog.resume(self.log.uri, self.step) if self.rank == 0 else self.log
+        if self.rank == 0:
+            self.log = metrics.MetricsLog.resume(storage.join(self.loop.run_uri, METRICS_FILE), self.step)
         if self.rank == 0:
             what = f"resuming from step {self.step}" if saved else "starting"
             print(f"[elo-ray] {t.method}: {what}; {len(self.stage.trainable)} trainable tensors, "
