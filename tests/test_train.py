@@ -248,3 +248,32 @@ def test_lora_trains_adapters_and_exports_them_merged(ray_local, models, tmp_pat
     keys = checkpoint_keys(str(tmp_path / "lora" / "checkpoint_00000004"))
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys if k.startswith(("model.", "optim.state.")))
     assert result.steps == 4
+
+
+# --------------------------------------------------------------------------- with the data plane
+
+
+def test_elo_trains_on_the_data_planes_mixed_stream(ray_local, models, tiny_tokenizer, tmp_path):
+    from elo_ray import data
+    from elo_ray.config import DataConfig, SourceConfig
+
+    words = {"en": "The quick brown fox jumps over the lazy dog .".split(),
+             "ko": "빠른 갈색 여우가 게으른 개를 뛰어넘는다 .".split()}
+    sources = []
+    for lang, n in (("en", 30), ("ko", 300)):
+        path = tmp_path / f"{lang}.jsonl"
+        path.write_text("".join(json.dumps({"text": " ".join(words[lang][i % 5:] + words[lang])}, ensure_ascii=False)
+                                + "\n" for i in range(n)), encoding="utf-8")
+        sources.append(SourceConfig(uri=str(path), language=lang))
+    cfg = DataConfig(sources=sources, seq_len=SEQ, heldout_docs=2, max_tokens=SEQ * 2 * 2 * 10)
+    plan = data.plan_pretrain_stream(cfg, tiny_tokenizer, world_size=2)
+    result = run_training(
+        name="data-plane", model_uri=models["elo"], output_uri=str(tmp_path / "out"), storage_uri=str(tmp_path),
+        train=TrainConfig(**{**ELO_TRAIN, "max_steps": None, "log_every": 5, "checkpoint_every": 5}),
+        resources=WORKERS, plan=plan, seq_len=SEQ,
+    )
+    m = result.metrics
+    assert result.steps == plan.reader.totals()["sequences"] // (2 * 2) == 10  # the schedule comes from the plan
+    assert m["tokens_total"] == result.steps * 2 * 2 * SEQ
+    assert 0.05 < m["tokens_en"] / (m["tokens_en"] + m["tokens_ko"]) < 0.15  # English:target 1:9
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.elo_layers == [0, 3]
