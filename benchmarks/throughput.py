@@ -17,8 +17,10 @@ AdamW, loss (summed CE / label tokens), clipping and per-step loss sync:
 tokenizing is the data plane's cost (its own benchmark).
 
 Throughput: tokens/s of the best interval of `--warmup` steps after the first (the engine's
-metric intervals; the others time the same intervals): this machine may be shared, and the best
-interval is what the code does when nothing else runs; the JSON also has the mean. Peak memory:
+metric intervals; the others time the same intervals): the best interval is what the code does
+when nothing else runs. On CPU also tokens per CPU-second of the training process (median
+interval; the engine's from its `worker_cpu_s` metric, so Ray's threads in the worker count):
+on a machine shared with other work wall time swings by 2x while CPU time barely moves. Peak memory:
 on GPU the allocator's peak; on CPU the process's peak resident set (the engine's worker process
 also holds Ray). The analytic FLOP ratio comes from `elo_ray.train.metrics.train_flops_per_token`.
 
@@ -80,11 +82,13 @@ def token_batches(shape: dict, n: int = 4) -> list[torch.Tensor]:
             for _ in range(n)]
 
 
-def summary(rates: list[float], peak_gb: float) -> dict:
-    """Best and mean tokens/s over the timed intervals (the best is what the code does on a
-    machine shared with other work; the mean is kept in the JSON)."""
+def summary(rates: list[float], cpu_rates: list[float], peak_gb: float) -> dict:
+    """Per timed interval: tokens per wall second and per CPU second of the training process.
+    tokens_per_s is the best interval, what the code does when nothing else runs; the CPU-time
+    rate (median) barely moves when other work shares the machine, which wall time does."""
     return {"tokens_per_s": max(rates), "mean_tokens_per_s": len(rates) / sum(1 / r for r in rates),
-            "rates": rates, "peak_memory_gb": peak_gb}
+            "tokens_per_cpu_s": sorted(cpu_rates)[len(cpu_rates) // 2], "rates": rates, "cpu_rates": cpu_rates,
+            "peak_memory_gb": peak_gb}
 
 
 def peak_gb(device: torch.device) -> float:
@@ -99,14 +103,15 @@ def timed(shape: dict, steps: int, warmup: int, device: torch.device, one_step) 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     tokens = warmup * shape["micro_batch"] * shape["seq_len"]
-    rates, start = [], time.perf_counter()
+    rates, cpu_rates, start, start_cpu = [], [], time.perf_counter(), time.process_time()
     for step in range(steps):
         one_step(batches[step % len(batches)])
         if (step + 1) % warmup == 0:
-            now = time.perf_counter()
+            now, now_cpu = time.perf_counter(), time.process_time()
             rates.append(tokens / (now - start))
-            start = now
-    return summary(rates[1:], peak_gb(device))
+            cpu_rates.append(tokens / (now_cpu - start_cpu))
+            start, start_cpu = now, now_cpu
+    return summary(rates[1:], cpu_rates[1:], peak_gb(device))
 
 
 # --------------------------------------------------------------------------- bare PyTorch
@@ -212,7 +217,9 @@ def engine_run(shape: dict, method: str, steps: int, warmup: int, workdir: str, 
     )
     with open(result.metrics_uri) as f:
         records = [json.loads(line) for line in f][1:]  # the first interval is the warm-up
-    return summary([r["tokens_per_s"] for r in records], max(r["peak_memory_gb"] for r in records))
+    return summary([r["tokens_per_s"] for r in records],
+                   [r["tokens_per_s"] * r["interval_s"] / r["worker_cpu_s"] for r in records],
+                   max(r["peak_memory_gb"] for r in records))
 
 
 # --------------------------------------------------------------------------- running them
@@ -251,50 +258,61 @@ def measure(impl: str, shape: dict, method: str, args, workdir: str, repeat: int
 
 def merge(rows: dict, key: tuple, result: dict) -> None:
     """Pool the timed intervals of repeated runs; keep the highest peak memory."""
-    print(f"{key[0]:6s} {key[1]}: " + json.dumps({k: v for k, v in result.items() if k != "rates"}), flush=True)
+    print(f"{key[0]:6s} {key[1]}: " + json.dumps({k: v for k, v in result.items() if "rates" not in k}), flush=True)
     old = rows.get(key)
     if old is None or "error" in old or "error" in result:
         rows[key] = old if old is not None and "error" not in old else result
         return
-    rows[key] = summary(old["rates"] + result["rates"], max(old["peak_memory_gb"], result["peak_memory_gb"]))
+    rows[key] = summary(old["rates"] + result["rates"], old["cpu_rates"] + result["cpu_rates"],
+                        max(old["peak_memory_gb"], result["peak_memory_gb"]))
 
 
 def table(shape_name: str, shape: dict, rows: dict, impls: list[str], device: str, threads: int) -> str:
-    def cell(r, key, spec):
-        return "-" if r is None else (r["error"][:28] if "error" in r else format(r[key], spec))
-
     def ok(*rs):
         return all(r is not None and "error" not in r for r in rs)
 
     flops = {m: flops_per_token(shape, m) for m in METHODS}
-    head = "| method | GFLOP/token | " + " | ".join(f"{i} tok/s" for i in impls)
-    head += "".join(f" | {i}/bare" for i in impls if i != "bare") + " | " + " | ".join(f"{i} peak GiB" for i in impls) + " |"
+    cpu = device == "cpu"
     lines = [
         f"shape {shape_name}: {shape['num_hidden_layers']} layers (ELO model: {ELO_LAYERS}), hidden {shape['hidden_size']}, "
         f"ffn {shape['intermediate_size']}, vocab {shape['vocab_size']}, {shape['micro_batch']} x {shape['seq_len']} "
-        f"tokens/step, " + (f"cpu, {threads} thread(s), fp32" if device == "cpu" else "cuda, bf16 compute, fp32 master"),
-        "", head, "| --- " * (head.count("|") - 1) + "|",
+        f"tokens/step, " + (f"cpu, {threads} thread(s), fp32" if cpu else "cuda, bf16 compute, fp32 master"),
+        "",
+        "| method | GFLOP/token | impl | tok/s (best) | vs bare |" + (" tok/CPU-s (median) | vs bare |" if cpu else "")
+        + " peak GiB |",
+        "| --- | ---: | --- | ---: | ---: |" + (" ---: | ---: |" if cpu else "") + " ---: |",
     ]
     for m in METHODS:
-        r = {i: rows.get((i, m)) for i in impls}
-        cols = [cell(r[i], "tokens_per_s", ",.0f") for i in impls]
-        cols += [f"{r[i]['tokens_per_s'] / r['bare']['tokens_per_s']:.2f}" if ok(r[i], r.get("bare")) else "-"
-                 for i in impls if i != "bare"]
-        cols += [cell(r[i], "peak_memory_gb", ".2f") for i in impls]
-        lines.append(f"| {m} | {flops[m] / 1e9:.3f} | " + " | ".join(cols) + " |")
+        for i in impls:
+            r, bare = rows.get((i, m)), rows.get(("bare", m))
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {m} | {flops[m] / 1e9:.3f} | {i} | {r['error'][:40]} | |" + (" | |" if cpu else "") + " |")
+                continue
+            vs = lambda key: f"{r[key] / bare[key]:.2f}" if ok(bare) else "-"  # noqa: E731
+            line = f"| {m} | {flops[m] / 1e9:.3f} | {i} | {r['tokens_per_s']:,.0f} | {vs('tokens_per_s')} |"
+            if cpu:
+                line += f" {r['tokens_per_cpu_s']:,.0f} | {vs('tokens_per_cpu_s')} |"
+            lines.append(line + f" {r['peak_memory_gb']:.2f} |")
     lines += ["", f"analytic FLOP ratio full/ELO: {flops['full'] / flops['elo']:.2f}x (full/LoRA {flops['full'] / flops['lora']:.2f}x)"]
-    speedup = {}
-    for i in impls:
-        elo, full = rows.get((i, "elo")), rows.get((i, "full"))
-        if ok(elo, full):
-            speedup[i] = elo["tokens_per_s"] / full["tokens_per_s"]
-            rel = f" = {speedup[i] / speedup['bare']:.2f} of the bare loop's" if i != "bare" and "bare" in speedup else ""
-            lines.append(f"ELO/full speed-up, {i}: {speedup[i]:.2f}x{rel}")
-    if "engine" in speedup and "bare" in speedup:
-        ratio = speedup["engine"] / speedup["bare"]
-        elo = rows[("engine", "elo")]["tokens_per_s"] / rows[("bare", "elo")]["tokens_per_s"]
-        lines.append(f"goal: engine ELO/full speed-up >= 0.90 of bare: {ratio:.2f} {'met' if ratio >= 0.9 else 'MISSED'}")
-        lines.append(f"goal: engine ELO tok/s (1 worker) >= 0.80 of bare: {elo:.2f} {'met' if elo >= 0.8 else 'MISSED'}")
+    for key, what in [("tokens_per_s", "wall"), ("tokens_per_cpu_s", "CPU time")][: 2 if cpu else 1]:
+        speedup = {}
+        for i in impls:
+            elo, full = rows.get((i, "elo")), rows.get((i, "full"))
+            if ok(elo, full):
+                speedup[i] = elo[key] / full[key]
+        if not speedup:
+            continue
+        lines.append(f"ELO/full speed-up ({what}): " + ", ".join(
+            f"{i} {x:.2f}x" + (f" ({x / speedup['bare']:.2f} of bare's)" if i != "bare" and "bare" in speedup else "")
+            for i, x in speedup.items()))
+        if "engine" in speedup and "bare" in speedup:
+            ratio = speedup["engine"] / speedup["bare"]
+            elo = rows[("engine", "elo")][key] / rows[("bare", "elo")][key]
+            lines.append(f"  goals ({what}): engine ELO/full speed-up / bare's = {ratio:.2f} (>= 0.90: "
+                         f"{'met' if ratio >= 0.9 else 'MISSED'}); engine ELO tok/s / bare's = {elo:.2f} "
+                         f"(>= 0.80: {'met' if elo >= 0.8 else 'MISSED'})")
     return "\n".join(lines)
 
 

@@ -89,9 +89,10 @@ def test_elo_costs_a_fraction_of_full_on_a_llama_8b_shape():
 
 def test_progress_line_shows_loss_throughput_mfu_and_memory():
     m = {"step": 20, "loss": 2.5, "lr": 5e-6, "grad_norm": 0.8, "tokens_per_s": 12345.6,
-         "tflops_per_worker": 412.0, "mfu": 0.4166, "peak_memory_gb": 61.2}
+         "tflops_per_worker": 412.0, "mfu": 0.4166, "peak_memory_gb": 61.2, "interval_s": 10.0, "data_wait_s": 0.3}
     assert metrics.progress_line(m, 100) == (
         "step 20/100 loss 2.5000 lr 5e-06 grad_norm 0.8 12,346 tok/s 412 TFLOP/s/worker MFU 41.7% mem 61.20 GiB"
+        " data wait 3%"
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -83,6 +84,8 @@ class Worker:
         self.local_rank = ctx.get_local_rank()
         self.device = ray.train.torch.get_device()
         self.log: metrics.MetricsLog | None = None  # rank 0's records, once the run's are read back
+        self.report_every_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))
+        self.last_report = time.monotonic()
 
     # ------------------------------------------------------------------ set-up
 
@@ -132,7 +135,9 @@ class Worker:
         batches = iter(self.loop.reader.batches(t.micro_batch_size, skip=self.consumed))
         interval = _Interval()
         while self.step < self.loop.total_steps:
+            waited = time.perf_counter()
             micro = [b for _, b in zip(range(t.grad_accum), batches)]
+            interval.data_wait += time.perf_counter() - waited
             if len(micro) < t.grad_accum:  # every worker yields the same count: all stop here
                 if self.step == 0:
                     raise TrainingError(
@@ -147,16 +152,17 @@ class Worker:
             flops = tokens * metrics.train_flops_per_token(self.config, t.method, seq_len, t.lora_rank)
             interval.add(loss * label_tokens, label_tokens, tokens, flops, grad_norm)
             done = self.step == self.loop.total_steps
-            report = None
+            report, to_ray = None, False
             if self.step % t.log_every == 0 or done:
-                report = self.interval_metrics(interval)
+                report, to_ray = self.interval_metrics(interval)
                 interval = _Interval()
             if self.step % t.checkpoint_every == 0 or done:
                 interval.exclude(self.save(report or {"step": self.step}))
-            elif report is not None:
+            elif to_ray:
                 ray.train.report(report)
+                self.last_report = time.monotonic()
         if self.last_checkpoint != self.step:  # the data ended between checkpoints
-            report = self.interval_metrics(interval) if interval.steps else {"step": self.step}
+            report = self.interval_metrics(interval)[0] if interval.steps else {"step": self.step}
             self.save({**report, "stopped": "data_exhausted"})
 
     def optimizer_step(self, micro: list[Batch]) -> tuple[float, float, int, int, int]:
@@ -180,11 +186,18 @@ class Worker:
 
     # ------------------------------------------------------------------ metrics and checkpoints
 
-    def interval_metrics(self, interval: "_Interval") -> dict:
-        """Metrics of the steps since the last report; collective (every rank calls it)."""
+    def interval_metrics(self, interval: "_Interval") -> tuple[dict, bool]:
+        """Metrics of the steps since the last report, and whether to hand them to Ray Train now;
+        collective (every rank calls it)."""
         elapsed = max(interval.elapsed(), 1e-9)
-        peak_mem = torch.tensor([metrics.peak_memory_gb(self.device)], device=self.device)
-        dist.all_reduce(peak_mem, op=dist.ReduceOp.MAX)
+        # Ray Train's controller takes one report per poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s
+        # by default) and a report made before the last was taken blocks training, so metrics go to
+        # Ray no more often than that; the progress line and metrics.jsonl get every interval.
+        # Rank 0's clock decides for all ranks: they must report equally often.
+        due = time.monotonic() - self.last_report >= self.report_every_s if self.rank == 0 else False
+        shared = torch.tensor([metrics.peak_memory_gb(self.device), float(due)], device=self.device)
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+        peak_mem, due = shared[0], bool(shared[1])
         langs = [None] * self.world
         dist.all_gather_object(langs, dict(self.lang_tokens))
         tflops = interval.flops / elapsed / self.world / 1e12
@@ -194,6 +207,11 @@ class Worker:
             "lr": self.lr,
             "grad_norm": interval.grad_norm,
             "tokens_per_s": interval.tokens / elapsed,
+            "interval_s": elapsed,
+            "data_wait_s": interval.data_wait,  # of interval_s, spent waiting for the reader (rank 0)
+            # CPU seconds of rank 0's process: near interval_s x threads when compute-bound on CPU;
+            # far below it on a CPU machine means the worker was starved (shared or oversubscribed).
+            "worker_cpu_s": interval.cpu(),
             "tflops_per_worker": tflops,
             "mfu": tflops / self.peak if self.peak else None,
             "peak_memory_gb": float(peak_mem),
@@ -205,11 +223,12 @@ class Worker:
         if self.rank == 0:
             self.log.append(m)
             print("[elo-ray] " + metrics.progress_line(m, self.loop.total_steps), flush=True)
-        return m
+        return m, due
 
-    def save(self, report: dict) -> float:
-        """Save a checkpoint of this step with `report` attached; returns the seconds it took."""
-        began = time.perf_counter()
+    def save(self, report: dict) -> tuple[float, float]:
+        """Save a checkpoint of this step with `report` attached; returns the (wall, CPU)
+        seconds it took."""
+        began, began_cpu = time.perf_counter(), time.process_time()
         langs = [None] * self.world
         dist.all_gather_object(langs, dict(self.lang_tokens))
         state = {
@@ -223,24 +242,31 @@ class Worker:
         if self.rank == 0:
             self.log.write(self.loop.extra_metrics_uri)
         checkpoint.save(self.model, self.optimizer, state, report)
+        self.last_report = time.monotonic()
         self.last_checkpoint = self.step
-        return time.perf_counter() - began
+        return time.perf_counter() - began, time.process_time() - began_cpu
 
 
 class _Interval:
     """Sums over the steps between two metric reports; checkpoint time is excluded."""
 
     def __init__(self):
-        self.loss_sum = self.label_tokens = self.tokens = self.flops = self.excluded = 0.0
+        self.loss_sum = self.label_tokens = self.tokens = self.flops = self.data_wait = 0.0
+        self.excluded = self.excluded_cpu = 0.0
         self.steps = 0
         self.grad_norm = float("nan")
-        self.start = time.perf_counter()
+        self.start, self.start_cpu = time.perf_counter(), time.process_time()
 
-    def exclude(self, seconds: float) -> None:
-        self.excluded += seconds
+    def exclude(self, seconds: tuple[float, float]) -> None:
+        self.excluded += seconds[0]
+        self.excluded_cpu += seconds[1]
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.excluded
+
+    def cpu(self) -> float:
+        """CPU seconds of this process (all its threads) in the interval."""
+        return time.process_time() - self.start_cpu - self.excluded_cpu
 
     def add(self, loss_sum: float, label_tokens: int, tokens: int, flops: float, grad_norm: float) -> None:
         self.loss_sum += loss_sum

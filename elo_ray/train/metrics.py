@@ -105,10 +105,11 @@ def peak_memory_gb(device: torch.device) -> float:
 def progress_line(m: dict, total_steps: int) -> str:
     """One human-readable line per log interval."""
     mfu = f" MFU {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else ""
+    wait = f" data wait {100 * m['data_wait_s'] / m['interval_s']:.0f}%" if m.get("interval_s") else ""
     return (
         f"step {m['step']}/{total_steps} loss {m['loss']:.4f} lr {m['lr']:.3g} "
         f"grad_norm {m['grad_norm']:.3g} {m['tokens_per_s']:,.0f} tok/s "
-        f"{m['tflops_per_worker']:.3g} TFLOP/s/worker{mfu} mem {m['peak_memory_gb']:.2f} GiB"
+        f"{m['tflops_per_worker']:.3g} TFLOP/s/worker{mfu} mem {m['peak_memory_gb']:.2f} GiB{wait}"
     )
 
 
