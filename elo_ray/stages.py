@@ -68,7 +68,15 @@ def _train(ctx: StageContext, model_uri: str, train: TrainConfig, plan, seq_len:
         plan=plan,
         seq_len=seq_len,
     )
-    return StageResult(uris={"model": output}, metrics=result.metrics)
+    trained = {lang: result.metrics[f"tokens_{lang}"] for lang in plan.languages if f"tokens_{lang}" in result.metrics}
+    total = sum(trained.values())
+    data_metrics = {
+        "asked_shares": plan.weights,
+        "trained_tokens": trained,
+        "trained_shares": {lang: n / total for lang, n in trained.items()} if total else {},
+        "per_language": plan.report,  # docs, tokens read and dropped, skipped records, held out
+    }
+    return StageResult(uris={"model": output}, metrics={**result.metrics, "data": data_metrics})
 
 
 def _remote(fn, *args, **kwargs):

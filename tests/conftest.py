@@ -3,6 +3,7 @@ tiny models and tokenizers built from configs. No network beyond loopback, no do
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -37,6 +38,7 @@ def s3_endpoint():
     """A real S3 HTTP endpoint on 127.0.0.1 (moto's threaded server) for the whole session."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=_S3_PORT, verbose=False)
     server.start()
     yield os.environ["AWS_ENDPOINT_URL"]

@@ -1,0 +1,145 @@
+"""The whole job end to end: the demo spec through the real stages on a local Ray, on local
+storage (through the `elo-ray` command) and on moto's S3 endpoint; reruns skip; a driver
+killed during pretraining resumes from its checkpoint to the same weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from elo_ray import manifest, pipeline, storage
+from elo_ray.config import load_spec
+from elo_ray.stages import STAGES
+
+DEMO = str(resources.files("elo_ray") / "demo.yaml")
+REPO = Path(__file__).resolve().parent.parent
+ELO_RAY = str(Path(sys.executable).parent / "elo-ray")
+# The demo spec, shrunk to a few steps per training stage.
+SMALL = [
+    "pretrain.train.max_steps=4", "pretrain.train.checkpoint_every=2", "pretrain.train.log_every=2",
+    "align.train.max_steps=2", "instruct.train.max_steps=2", "eval.max_docs=4",
+]
+
+
+def tensors(uri: str, tmp: Path) -> dict[str, torch.Tensor]:
+    local = storage.download(uri, str(tmp / uri.replace("/", "_"))) if storage.has_scheme(uri) else uri
+    out = {}
+    for name in sorted(os.listdir(local)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(local, name)))
+    return out
+
+
+def cli(args: list[str], env_extra: dict, **kw) -> subprocess.Popen:
+    env = {**os.environ, **env_extra}
+    return subprocess.Popen([ELO_RAY, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_local):
+    return ray_local.get_runtime_context().gcs_address
+
+
+def test_jobs_demo_is_the_packaged_demo_spec():
+    assert (REPO / "jobs" / "demo.yaml").read_bytes() == Path(DEMO).read_bytes()
+
+
+def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, tmp_path, capsys):
+    root = f"{s3_bucket}/runs"
+    spec = load_spec(DEMO, [f"storage.root={root}", *SMALL])
+    done = pipeline.run_pipeline(spec, "s3demo", STAGES, overridden=True)
+    assert list(done) == ["pretrain", "merge", "align", "instruct", "eval"]
+    run = f"{root}/s3demo"
+    for stage, m in done.items():
+        on_disk = manifest.read(f"{run}/{stage}")
+        assert on_disk.digest == m.digest and on_disk.status == "complete"
+        for out in m.outputs:  # every listed output exists with the recorded size
+            assert len(storage.read_bytes(f"{run}/{stage}/{out['path']}")) == out["size"]
+    pre = done["pretrain"].metrics
+    assert pre["step"] == 4
+    data = pre["data"]
+    assert set(data["trained_tokens"]) == {"en", "ko"} and sum(data["trained_tokens"].values()) == 4 * 8 * 128
+    assert data["asked_shares"] == {"en": 0.1, "ko": 0.9}
+    assert all(r["dropped"] < 0.01 * r["tokens"] for r in data["per_language"].values())
+
+    # merge changed exactly the detached layers (0 and 5 of 6) of the base model
+    base = tensors(storage.join(root, "_builtin", "tiny-llama"), tmp_path)
+    merged = tensors(done["merge"].uris["model"], tmp_path)
+    changed = sorted({k.split(".")[2] for k in base if not torch.equal(base[k], merged[k])})
+    assert changed == ["0", "5"]
+
+    ppl = json.loads(storage.read_text(f"{run}/eval/perplexity.json"))
+    assert list(ppl) == ["base", "merge", "align", "instruct"]
+    assert all(math.isfinite(v) and v > 1 for row in ppl.values() for v in row.values())
+
+    capsys.readouterr()
+    again = pipeline.run_pipeline(spec, "s3demo", STAGES, overridden=True)
+    assert {s: m.digest for s, m in again.items()} == {s: m.digest for s, m in done.items()}
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 5 and "starting" not in out
+
+
+def test_cli_runs_the_demo_on_local_storage_and_status_reports_it(ray_address, tmp_path):
+    root = tmp_path / "runs"
+    args = ["run", "jobs/demo.yaml", "--run-id", "local-{date}", "--set", f"storage.root={root}",
+            *sum((["--set", s] for s in SMALL), [])]
+    proc = cli(args, {"RAY_ADDRESS": ray_address})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    [run_dir] = root.glob("local-*")
+    assert "| model | ppl en | ppl ko |" in out and f"run {run_dir.name} complete" in out
+    status = subprocess.run([ELO_RAY, "status", str(run_dir), "--json"], capture_output=True, text=True, check=True)
+    states = {s: v["state"] for s, v in json.loads(status.stdout).items()}
+    assert states == dict.fromkeys(pipeline.STAGE_ORDER, "complete")
+
+
+def _wait_for_checkpoint(ray_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(ray_dir.glob("*/checkpoint_*")):
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint under {ray_dir} after {timeout}s")
+
+
+def test_killed_driver_resumes_pretraining_to_the_same_weights(ray_address, tmp_path):
+    """SIGKILL the driver once pretraining has checkpointed; the rerun resumes from there and
+    ends with the weights of a run that was never interrupted."""
+    root = tmp_path / "runs"
+    steps = ["--set", "pretrain.train.max_steps=8", "--set", "pretrain.train.checkpoint_every=2"]
+    common = ["run", "jobs/demo.yaml", "--stages", "pretrain", "--set", f"storage.root={root}", *steps]
+    env = {"RAY_ADDRESS": ray_address}
+
+    whole = cli([*common, "--run-id", "whole"], env)
+    out, _ = whole.communicate(timeout=600)
+    assert whole.returncode == 0, out
+
+    victim = cli([*common, "--run-id", "killed"], env)
+    _wait_for_checkpoint(root / "killed" / "pretrain" / "ray", victim)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert manifest.read(str(root / "killed" / "pretrain")) is None
+
+    again = cli([*common, "--run-id", "killed"], env)
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    resumed = manifest.read(str(root / "killed" / "pretrain")).metrics
+    assert resumed["resumed_from_step"] >= 2 and resumed["step"] == 8
+    a = tensors(str(root / "whole" / "pretrain" / "model"), tmp_path)
+    b = tensors(str(root / "killed" / "pretrain" / "model"), tmp_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
