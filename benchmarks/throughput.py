@@ -26,6 +26,17 @@ also holds Ray). The analytic FLOP ratio comes from `elo_ray.train.metrics.train
 
 Goals: the engine's ELO/full speed-up >= 0.9 of the bare loop's; the engine's ELO tokens/s with
 one worker >= 0.8 of the bare loop's.
+
+Measured (2026-11-27):
+- one H100 80GB, torch 2.11, `--impl bare,core --device cuda` (tokens/s, peak GiB):
+      1b  elo  bare 158,760 (18.8)  core 153,710 (18.2)   full  bare 38,347 (47.2)  core 38,773 (42.9)
+          lora bare  37,098 (35.1)  core  38,103 (31.3)   ELO/full: bare 4.14x, core 3.96x (0.96)
+      8b  elo  bare  74,460 (24.9)  core  67,413 (24.7)   full and LoRA: out of memory on one GPU
+                                                          (fp32 master weights; they need FSDP over 8)
+- this 2-core CPU machine, shared with other sessions (load average 20-25), default flags:
+      tokens per CPU-second   elo bare 1,359 core 1,312 engine 1,361   full bare 409 core 388
+      engine 392   lora bare 495 core 494 engine 465; ELO/full: bare 3.32x, engine 3.48x (1.05).
+      Wall-clock tokens/s swung up to 2x between runs under that load (the table prints both).
 """
 
 from __future__ import annotations
