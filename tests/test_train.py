@@ -131,6 +131,7 @@ def test_elo_metrics_report_loss_lr_throughput_and_memory(elo_run):
     assert m["tokens_per_s"] > 0 and m["tflops_per_worker"] > 0 and m["peak_memory_gb"] > 0
     assert m["mfu"] is None  # CPUs have no known peak
     assert 0 < m["lr"] < 1e-2 and m["grad_norm"] > 0
+    assert 0 <= m["data_wait_s"] < m["interval_s"] and m["worker_cpu_s"] > 0
 
 
 def test_exported_elo_model_merges_back_into_the_base(elo_run, models, tmp_path):
