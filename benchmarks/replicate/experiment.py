@@ -112,6 +112,7 @@ class StageRun:
     plan_s: float | None = None  # counting and planning the stream (not in wall_s)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens so far, loss)
     tokens_by_language: dict[str, int] = field(default_factory=dict)
+    load_average: list[float] = field(default_factory=list)  # 1/5/15-minute load at the stage's end (shared machines)
 
 
 @dataclass
@@ -313,6 +314,7 @@ class Experiment:
             final_loss=curve[-1][1] if curve else None, plan_s=plan_s, curve=curve,
             tokens_by_language={k.removeprefix("tokens_"): int(v) for k, v in m.items()
                                 if k.startswith("tokens_") and k not in ("tokens_total", "tokens_per_s")},
+            load_average=list(os.getloadavg()),
         )
         log(f"{run_dir.name}/{stage}: {tokens:,} tokens in {wall:.0f}s wall ({loop_s or 0:.0f}s loop, "
             f"{run.tokens_per_s or 0:,.0f} tok/s), loss {run.final_loss}, peak {run.peak_memory_gb or 0:.2f} GiB")
