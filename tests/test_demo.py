@@ -1,6 +1,6 @@
-"""The whole job end to end: the demo spec through the real stages on a local Ray, on local
-storage (through the `elo-ray` command) and on moto's S3 endpoint; reruns skip; a driver
-killed during pretraining resumes from its checkpoint to the same weights."""
+"""The whole job end to end: the demo spec through the real stages on moto's S3 endpoint;
+reruns skip; a driver killed during pretraining resumes from its checkpoint to the same
+weights. The same spec on local storage through `ray job submit` is in test_job_submit.py."""
 
 from __future__ import annotations
 
@@ -89,20 +89,6 @@ def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, tm
     assert {s: m.digest for s, m in again.items()} == {s: m.digest for s, m in done.items()}
     out = capsys.readouterr().out
     assert out.count("skipped") == 5 and "starting" not in out
-
-
-def test_cli_runs_the_demo_on_local_storage_and_status_reports_it(ray_address, tmp_path):
-    root = tmp_path / "runs"
-    args = ["run", "jobs/demo.yaml", "--run-id", "local-{date}", "--set", f"storage.root={root}",
-            *sum((["--set", s] for s in SMALL), [])]
-    proc = cli(args, {"RAY_ADDRESS": ray_address})
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    [run_dir] = root.glob("local-*")
-    assert "| model | ppl en | ppl ko |" in out and f"run {run_dir.name} complete" in out
-    status = subprocess.run([ELO_RAY, "status", str(run_dir), "--json"], capture_output=True, text=True, check=True)
-    states = {s: v["state"] for s, v in json.loads(status.stdout).items()}
-    assert states == dict.fromkeys(pipeline.STAGE_ORDER, "complete")
 
 
 def _wait_for_checkpoint(ray_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
