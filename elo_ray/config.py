@@ -187,24 +187,25 @@ class MergeStage(Config):
     enabled: bool = True
 
 
-def _whole_model_method(v: TrainConfig) -> TrainConfig:
-    if v.method == "elo":
-        raise ValueError("method elo trains detached layers and belongs to pretrain; use full or lora here")
-    return v
+class _WholeModelStage(Config):
+    """A stage that trains the whole merged model (full fine-tuning or LoRA)."""
 
-
-class AlignStage(Config):
-    """Stage 3: brief full fine-tuning of the merged model on a bilingual set."""
-
-    enabled: bool = True
-    data: DataConfig | None = Field(None, description="Alignment data; unset: the pretrain data.")
-    max_tokens: int | None = Field(None, gt=0, description="Token budget when reusing the pretrain data.")
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @field_validator("train")
     @classmethod
     def _whole_model(cls, v: TrainConfig) -> TrainConfig:
-        return _whole_model_method(v)
+        if v.method == "elo":
+            raise ValueError("method elo trains detached layers and belongs to pretrain; use full or lora here")
+        return v
+
+
+class AlignStage(_WholeModelStage):
+    """Stage 3: brief full fine-tuning of the merged model on a bilingual set."""
+
+    enabled: bool = True
+    data: DataConfig | None = Field(None, description="Alignment data; unset: the pretrain data.")
+    max_tokens: int | None = Field(None, gt=0, description="Token budget when reusing the pretrain data.")
 
 
 class ChatVectorConfig(Config):
@@ -215,19 +216,13 @@ class ChatVectorConfig(Config):
     skip: list[str] = Field(default_factory=list, description="Tensor name patterns left untouched.")
 
 
-class InstructStage(Config):
+class InstructStage(_WholeModelStage):
     """Stage 4: chat vector, then bilingual instruction tuning."""
 
     enabled: bool = True
     chat_vector: ChatVectorConfig = Field(default_factory=ChatVectorConfig)
     sft_enabled: bool = Field(True, description="Run instruction tuning after the chat vector.")
     data: ChatDataConfig | None = Field(None, description="Chat data; required when sft_enabled.")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-
-    @field_validator("train")
-    @classmethod
-    def _whole_model(cls, v: TrainConfig) -> TrainConfig:
-        return _whole_model_method(v)
 
 
 class EvalStage(Config):
