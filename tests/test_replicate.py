@@ -88,7 +88,7 @@ def test_heldout_pages_are_a_stable_hash_of_the_name():
 
 
 def _stage(stage, wall, loop=None, tokens=0):
-    return {"stage": stage, "wall_s": wall, "loop_s": loop, "tokens": tokens, "steps": 1,
+    return {"stage": stage, "wall_s": wall, "loop_s": loop, "cpu_s": 2 * loop if loop else None, "tokens": tokens, "steps": 1,
             "tokens_per_s": tokens / loop if loop else None, "peak_memory_gb": 1.5 if loop else None,
             "final_loss": 3.0, "plan_s": 1.0, "curve": [[tokens // 2, 4.0], [tokens, 3.0]] if loop else [],
             "tokens_by_language": {}}
@@ -122,7 +122,7 @@ def test_report_rows_speed_ups_and_plots(tmp_path):
     assert "| elo (0, 11) + align | layers 0, 11 (1.50M) + all (align) | 300K | 101 |" in md
     assert "| full | all (12.9M) | 300K | 400 | 1,000 |" in md
     assert "33.0 (+10%)" in md and "60.0 (-98%)" in md
-    assert "| elo (0, 11) | 1.0 |  | 70 | 1.0 | 29 | 101 | 75 | 3.96x / 4.00x |" in md  # 400/101, 300/75
+    assert "| elo (0, 11) | 1.0 |  | 70 | 1.0 | 29 | 101 | 75 | 150 | 3.96x / 4.00x / 4.00x |" in md  # 400/101, 300/75
     paths = report.write(results, tmp_path)
     for p in paths[1:]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -192,6 +192,7 @@ def test_smoke_trains_each_method_on_its_token_budget(smoke):
     assert langs["en"] / size.cp_tokens == pytest.approx(0.1, abs=1 / 40)  # one sequence of 40
     for s in (full["stages"][0], by["pretrain"], by["align"]):
         assert s["loop_s"] > 0 and s["tokens_per_s"] > 0 and s["peak_memory_gb"] > 0 and s["curve"]
+        assert 0 < s["cpu_s"] and 0 <= s["data_wait_s"] <= s["loop_s"]
 
 
 def test_smoke_elo_merge_changes_only_the_detached_layers_and_alignment_changes_all(smoke):

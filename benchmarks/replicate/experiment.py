@@ -104,6 +104,8 @@ class StageRun:
     stage: str  # base, cp, detach, pretrain, merge, align
     wall_s: float  # end to end, as the user waits for it
     loop_s: float | None = None  # the training loop alone (engine metrics)
+    cpu_s: float | None = None  # CPU seconds of the worker in the loop: what the work costs, contention aside
+    data_wait_s: float | None = None  # of loop_s, waiting for the data stream
     tokens: int = 0  # trained tokens
     steps: int = 0
     tokens_per_s: float | None = None  # tokens / loop_s
@@ -147,17 +149,26 @@ def _read_metrics(uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
-def _loop_summary(records: list[dict]) -> tuple[float | None, list[tuple[int, float]]]:
-    """Loop seconds (sum over intervals of tokens / tokens_per_s) and the loss curve."""
+def _loop_summary(records: list[dict]) -> dict:
+    """Over the engine's metric intervals: loop seconds, worker CPU and data-wait seconds (None
+    where the engine does not record them) and the loss curve [(tokens so far, loss)]."""
     loop_s, prev, curve = 0.0, 0, []
+    cpu_s = wait_s = 0.0
+    has_cpu = bool(records) and all("worker_cpu_s" in r for r in records)
+    has_wait = bool(records) and all("data_wait_s" in r for r in records)
     for r in records:
         tokens = int(r.get("tokens_total", 0))
-        if r.get("tokens_per_s"):
+        if r.get("interval_s") is not None:
+            loop_s += r["interval_s"]
+        elif r.get("tokens_per_s"):
             loop_s += (tokens - prev) / r["tokens_per_s"]
+        cpu_s += r.get("worker_cpu_s") or 0.0
+        wait_s += r.get("data_wait_s") or 0.0
         prev = tokens
         if r.get("loss") is not None:
             curve.append((tokens, float(r["loss"])))
-    return (loop_s if records else None), curve
+    return {"loop_s": loop_s if records else None, "cpu_s": cpu_s if has_cpu else None,
+            "data_wait_s": wait_s if has_wait else None, "curve": curve}
 
 
 class Experiment:
@@ -304,20 +315,22 @@ class Experiment:
             seq_len=self.size.seq_len,
         )
         wall = time.perf_counter() - began
-        records = _read_metrics(result.metrics_uri)
-        loop_s, curve = _loop_summary(records)
+        loop = _loop_summary(_read_metrics(result.metrics_uri))
+        loop_s, curve = loop["loop_s"], loop["curve"]
         m = result.metrics
         tokens = int(m.get("tokens_total", 0))
         run = StageRun(
-            stage=stage, wall_s=wall, loop_s=loop_s, tokens=tokens, steps=result.steps,
+            stage=stage, wall_s=wall, loop_s=loop_s, cpu_s=loop["cpu_s"], data_wait_s=loop["data_wait_s"],
+            tokens=tokens, steps=result.steps,
             tokens_per_s=tokens / loop_s if loop_s else None, peak_memory_gb=m.get("peak_memory_gb"),
             final_loss=curve[-1][1] if curve else None, plan_s=plan_s, curve=curve,
             tokens_by_language={k.removeprefix("tokens_"): int(v) for k, v in m.items()
                                 if k.startswith("tokens_") and k not in ("tokens_total", "tokens_per_s")},
             load_average=list(os.getloadavg()),
         )
-        log(f"{run_dir.name}/{stage}: {tokens:,} tokens in {wall:.0f}s wall ({loop_s or 0:.0f}s loop, "
-            f"{run.tokens_per_s or 0:,.0f} tok/s), loss {run.final_loss}, peak {run.peak_memory_gb or 0:.2f} GiB")
+        cpu = f", {run.cpu_s:.0f} CPU-s" if run.cpu_s is not None else ""
+        log(f"{run_dir.name}/{stage}: {tokens:,} tokens in {wall:.0f}s wall ({loop_s or 0:.0f}s loop{cpu}, "
+            f"{run.tokens_per_s or 0:,.0f} tok/s), loss {run.final_loss or float('nan'):.3f}, peak {run.peak_memory_gb or 0:.2f} GiB")
         return run
 
     def pretrain_base(self) -> StageRun:

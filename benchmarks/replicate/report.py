@@ -72,21 +72,31 @@ def perplexity_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _totals(m: dict) -> dict[str, float | None]:
+    """A method's wall, loop and worker-CPU seconds over all its stages (CPU: None if unrecorded)."""
+    trained = [s for s in m["stages"] if s.get("loop_s") is not None]
+    cpu = [s.get("cpu_s") for s in trained]
+    return {"wall": sum(s["wall_s"] for s in m["stages"]), "loop": sum(s["loop_s"] for s in trained),
+            "cpu": sum(cpu) if cpu and None not in cpu else None}
+
+
 def time_table(results: dict) -> str:
-    """Per method: wall seconds of each stage, the training loops alone, and speed-up over full."""
+    """Per method: wall seconds of each stage, the training loops alone, the workers' CPU
+    seconds in them, and the speed-up over full fine-tuning by each of the three."""
     methods = results["methods"]
-    full = next((m for m in methods if m["kind"] == "full"), None)
-    full_wall = sum(s["wall_s"] for s in full["stages"]) if full else None
-    full_loop = sum(s.get("loop_s") or 0 for s in full["stages"]) if full else None
-    head = ["method", *STAGE_ORDER, "total wall s", "loop s", "speed-up vs full (wall / loop)"]
+    full = next((_totals(m) for m in methods if m["kind"] == "full"), None)
+    head = ["method", *STAGE_ORDER, "total wall s", "loop s", "worker CPU s", "speed-up vs full (wall / loop / CPU)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for m in methods:
         by = {s["stage"]: s for s in m["stages"]}
-        wall = sum(s["wall_s"] for s in m["stages"])
-        loop = sum(s.get("loop_s") or 0 for s in m["stages"])
-        speed = f"{full_wall / wall:.2f}x / {full_loop / loop:.2f}x" if full and wall and loop else "-"
+        t = _totals(m)
+        speed = "-"
+        if full:
+            ratios = [full[k] / t[k] if full[k] and t[k] else None for k in ("wall", "loop", "cpu")]
+            speed = " / ".join("-" if r is None else f"{r:.2f}x" for r in ratios)
         cells = [_fmt_s(by[st]["wall_s"]) if st in by else "" for st in STAGE_ORDER]
-        lines.append("| " + " | ".join([m["name"], *cells, _fmt_s(wall), _fmt_s(loop), speed]) + " |")
+        lines.append("| " + " | ".join([m["name"], *cells, _fmt_s(t["wall"]), _fmt_s(t["loop"]), _fmt_s(t["cpu"]),
+                                         speed]) + " |")
     return "\n".join(lines)
 
 
