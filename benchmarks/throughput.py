@@ -31,8 +31,10 @@ Measured (2026-11-27):
 - one H100 80GB, torch 2.11, `--impl bare,core --device cuda` (tokens/s, peak GiB):
       1b  elo  bare 158,760 (18.8)  core 153,710 (18.2)   full  bare 38,347 (47.2)  core 38,773 (42.9)
           lora bare  37,098 (35.1)  core  38,103 (31.3)   ELO/full: bare 4.14x, core 3.96x (0.96)
-      8b  elo  bare  74,460 (24.9)  core  67,413 (24.7)   full and LoRA: out of memory on one GPU
+      8b  elo  bare  74,412 (24.9)  core  68,645 (24.7)   full and LoRA: out of memory on one GPU
                                                           (fp32 master weights; they need FSDP over 8)
+      (core at 8b was 67,413 with 7 host syncs per step, 68,645 with 2; the rest of the gap is
+      FSDP2 casting and gathering the frozen embedding and head, 1.05B parameters, every step)
 - this 2-core CPU machine, shared with other sessions (load average 20-25), default flags:
       tokens per CPU-second   elo bare 1,359 core 1,312 engine 1,361   full bare 409 core 388
       engine 392   lora bare 495 core 494 engine 465; ELO/full: bare 3.32x, engine 3.48x (1.05).
@@ -202,8 +204,8 @@ def core_run(shape: dict, method: str, device: torch.device, steps: int, warmup:
 
     def one_step(ids):
         micro = [{"input_ids": ids, "labels": ids, "tokens": {"en": ids.numel()}}]
-        check_batches(micro, stage.config, 1, device)
-        train_step(stage.module, optimizer, micro, train.grad_clip, device, 1)
+        stats = check_batches(micro, stage.config, 1, device)
+        train_step(stage.module, optimizer, micro, stats, train.grad_clip, device, 1)
 
     return timed(shape, steps, warmup, device, one_step)
 

@@ -167,12 +167,12 @@ class Worker:
 
     def optimizer_step(self, micro: list[Batch]) -> tuple[float, float, int, int, int]:
         """One optimizer step over `micro`; returns (loss, grad norm, tokens, label tokens, seq len)."""
-        check_batches(micro, self.config, self.step + 1, self.device)
+        stats = check_batches(micro, self.config, self.step + 1, self.device)
         for b in micro:
             for lang, n in b.get("tokens", {}).items():
                 self.lang_tokens[lang] += int(n)
         self.lr = self.scheduler.get_last_lr()[0]
-        r = train_step(self.model, self.optimizer, micro, self.train.grad_clip, self.device, self.world)
+        r = train_step(self.model, self.optimizer, micro, stats, self.train.grad_clip, self.device, self.world)
         if not r.finite:
             kept = (f"the last good checkpoint is step {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was saved before it")
@@ -182,7 +182,7 @@ class Worker:
                 step=self.step + 1,
             )
         self.scheduler.step()
-        return r.loss, r.grad_norm, r.tokens, r.label_tokens, r.seq_len
+        return r.loss, r.grad_norm, stats.tokens, stats.label_tokens, stats.seq_len
 
     # ------------------------------------------------------------------ metrics and checkpoints
 
