@@ -80,3 +80,11 @@ def tiny_tokenizer():
         "모델은 섞인 텍스트로 새로운 언어를 배운다.",
     ] * 20
     return train_tokenizer(texts, vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory) -> str:
+    """The demo's `builtin:tiny-llama`, built once for the session (local path)."""
+    from elo_ray import builtin
+
+    return builtin.resolve("builtin:tiny-llama", str(tmp_path_factory.mktemp("builtin")))

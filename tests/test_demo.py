@@ -56,9 +56,9 @@ def test_jobs_demo_is_the_packaged_demo_spec():
     assert (REPO / "jobs" / "demo.yaml").read_bytes() == Path(DEMO).read_bytes()
 
 
-def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, tmp_path, capsys):
+def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, demo_base, tmp_path, capsys):
     root = f"{s3_bucket}/runs"
-    spec = load_spec(DEMO, [f"storage.root={root}", *SMALL])
+    spec = load_spec(DEMO, [f"storage.root={root}", f"model.base={demo_base}", *SMALL])
     done = pipeline.run_pipeline(spec, "s3demo", STAGES, overridden=True)
     assert list(done) == ["pretrain", "merge", "align", "instruct", "eval"]
     run = f"{root}/s3demo"
@@ -75,7 +75,7 @@ def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, tm
     assert all(r["dropped"] < 0.01 * r["tokens"] for r in data["per_language"].values())
 
     # merge changed exactly the detached layers (0 and 5 of 6) of the base model
-    base = tensors(storage.join(root, "_builtin", "tiny-llama"), tmp_path)
+    base = tensors(demo_base, tmp_path)
     merged = tensors(done["merge"].uris["model"], tmp_path)
     changed = sorted({k.split(".")[2] for k in base if not torch.equal(base[k], merged[k])})
     assert changed == ["0", "5"]
@@ -101,12 +101,13 @@ def _wait_for_checkpoint(ray_dir: Path, proc: subprocess.Popen, timeout: float =
     raise AssertionError(f"no checkpoint under {ray_dir} after {timeout}s")
 
 
-def test_killed_driver_resumes_pretraining_to_the_same_weights(ray_address, tmp_path):
+def test_killed_driver_resumes_pretraining_to_the_same_weights(ray_address, demo_base, tmp_path):
     """SIGKILL the driver once pretraining has checkpointed; the rerun resumes from there and
     ends with the weights of a run that was never interrupted."""
     root = tmp_path / "runs"
     steps = ["--set", "pretrain.train.max_steps=8", "--set", "pretrain.train.checkpoint_every=2"]
-    common = ["run", "jobs/demo.yaml", "--stages", "pretrain", "--set", f"storage.root={root}", *steps]
+    common = ["run", "jobs/demo.yaml", "--stages", "pretrain", "--set", f"storage.root={root}",
+              "--set", f"model.base={demo_base}", *steps]
     env = {"RAY_ADDRESS": ray_address}
 
     whole = cli([*common, "--run-id", "whole"], env)

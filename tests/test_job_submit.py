@@ -73,6 +73,7 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_runs_the_demo_spec(ray_head, tmp_path):
+    """The demo spec as it ships (its builtin base model built on the cluster), shrunk in steps."""
     address, env = ray_head
     root = tmp_path / "runs"
     excludes = json.dumps({"excludes": [".git", ".venv", "work", "results", "*.egg-info", ".pytest_cache"]})
