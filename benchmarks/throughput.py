@@ -35,10 +35,15 @@ Measured (2026-11-27):
                                                           (fp32 master weights; they need FSDP over 8)
       (core at 8b was 67,413 with 7 host syncs per step, 68,645 with 2; the rest of the gap is
       FSDP2 casting and gathering the frozen embedding and head, 1.05B parameters, every step)
-- this 2-core CPU machine, shared with other sessions (load average 20-25), default flags:
-      tokens per CPU-second   elo bare 1,359 core 1,312 engine 1,361   full bare 409 core 388
-      engine 392   lora bare 495 core 494 engine 465; ELO/full: bare 3.32x, engine 3.48x (1.05).
-      Wall-clock tokens/s swung up to 2x between runs under that load (the table prints both).
+- this 2-core CPU machine, shared with other sessions (load average 20-30), default flags, two
+  runs; tokens per CPU-second (the engine's counts every thread of its worker process, Ray's too):
+      elo   bare 1,359 / 1,442   core 1,312 / 1,424   engine 1,361 / 1,187
+      full  bare   409 /   403   core   388 /   395   engine   392 /   390
+      lora  bare   495 /   498   core   494 /   471   engine   465 /   447
+      ELO/full: bare 3.32x / 3.58x, engine 3.48x / 3.05x (1.05 / 0.85 of bare's)
+  Wall-clock tokens/s swung up to 2x between runs under that load (the worker got 20-90% of a
+  core); the table prints both. Reading the rows eagerly instead of streaming them changed
+  nothing: the engine's worker loses time to the machine's load, not to the data path.
 """
 
 from __future__ import annotations
