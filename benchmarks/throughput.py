@@ -34,7 +34,8 @@ Measured (2026-11-27):
       8b  elo  bare  74,412 (24.9)  core  68,645 (24.7)   full and LoRA: out of memory on one GPU
                                                           (fp32 master weights; they need FSDP over 8)
       (core at 8b was 67,413 with 7 host syncs per step, 68,645 with 2; the rest of the gap is
-      FSDP2 casting and gathering the frozen embedding and head, 1.05B parameters, every step)
+      probably FSDP2 casting and gathering the frozen embedding and head, 1.05B parameters, every
+      step; not profiled on the GPU)
 - this 2-core CPU machine, shared with other sessions (load average 20-30), default flags, two
   runs; tokens per CPU-second (the engine's counts every thread of its worker process, Ray's too):
       elo   bare 1,359 / 1,442   core 1,312 / 1,424   engine 1,361 / 1,187
