@@ -15,10 +15,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from elo_ray import storage
+from elo_ray import storage, surgery
 from elo_ray.config import ResourcesConfig, TrainConfig
 from elo_ray.tiny import tiny_config, tiny_model
-from elo_ray.train import CheckpointMismatchError, DivergedError, TrainingError, run_training
+from elo_ray.train import CheckpointMismatchError, DivergedError, run_training
 from elo_ray.train.synthetic import RowsReader, learnable_rows, rows_plan
 
 # Workers unpickle the test's reader subclass by value: tests/ is not on their sys.path.
@@ -50,24 +50,18 @@ def checkpoint_keys(checkpoint_dir: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_tokenizer):
-    """A 4-layer base model and its ELO model (layers 0 and 3 detached), both with a tokenizer."""
+    """A 4-layer base model with a tokenizer, and its ELO model (layers 0 and 3 detached)."""
     root = tmp_path_factory.mktemp("models")
     # initializer_range 0.2: a head strong enough that training two layers visibly lowers the loss
     base = tiny_model(tiny_config(num_hidden_layers=4, vocab_size=VOCAB, initializer_range=0.2), seed=1)
     base.save_pretrained(root / "base")
     tiny_tokenizer.save_pretrained(root / "base")
-    config = tiny_config(num_hidden_layers=2, vocab_size=VOCAB, initializer_range=0.2)
-    config.elo_layers, config.elo_base_num_hidden_layers = [0, 3], 4
-    elo = tiny_model(config)
-    sd = base.state_dict()
-    elo.load_state_dict({k: sd[k.replace("model.layers.1.", "model.layers.3.")] for k in elo.state_dict()})
-    elo.save_pretrained(root / "elo")
-    tiny_tokenizer.save_pretrained(root / "elo")
+    surgery.save_detached(str(root / "base"), [0, -1], str(root / "elo"))  # as the pretrain stage does
     return {"base": str(root / "base"), "elo": str(root / "elo"), "root": root}
 
 
-def train(models, name, storage_uri, output_uri, *, model="elo", rows=None, reader=None, **overrides):
-    plan = rows_plan(rows or learnable_rows(STEPS * 2 * 2, SEQ, VOCAB))
+def train(models, name, storage_uri, output_uri, *, model="elo", reader=None, **overrides):
+    plan = rows_plan(learnable_rows(STEPS * 2 * 2, SEQ, VOCAB))
     if reader is not None:
         plan.reader = reader
     return run_training(
@@ -135,7 +129,6 @@ def test_elo_metrics_report_loss_lr_throughput_and_memory(elo_run):
 
 
 def test_exported_elo_model_merges_back_into_the_base(elo_run, models, tmp_path):
-    surgery = pytest.importorskip("elo_ray.surgery")
     merged = surgery.merge(models["base"], elo_run["out"], str(tmp_path / "merged"))
     got, base, elo = tensors(merged), tensors(models["base"]), tensors(elo_run["out"])
     for name, t in got.items():
