@@ -47,11 +47,14 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
         config = surgery.check_checkpoint(base)
     except Exception as e:
         return [f"model.base: {e}"], None
-    if spec.pretrain.enabled and not spec.pretrain.init_from:
+    if spec.pretrain.enabled:
         try:
-            surgery.validate_layers(config.num_hidden_layers, spec.pretrain.layers)
+            layers = surgery.validate_layers(config.num_hidden_layers, spec.pretrain.layers)
         except Exception as e:
             problems.append(f"pretrain.layers: {e}")
+            layers = None
+        if spec.pretrain.init_from and layers is not None:
+            problems += check_warm_start(spec, layers)
     for key in ("tokenizer", "instruct"):
         uri = getattr(spec.model, key)
         if key == "tokenizer":
@@ -81,6 +84,22 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
         except Exception as e:
             problems.append(f"model.{key}: {e}")
     return problems, config
+
+
+def check_warm_start(spec: JobSpec, layers: tuple[int, ...]) -> list[str]:
+    """pretrain.init_from must be an ELO model of these very layers of this base model."""
+    from elo_ray import surgery
+
+    uri = builtin.resolve(spec.pretrain.init_from, spec.storage.root)
+    try:
+        elo = surgery.checkpoint_config(uri)
+    except Exception as e:
+        return [f"pretrain.init_from: {e}"]
+    found = list(getattr(elo, "elo_layers", None) or [])
+    if found != list(layers):
+        return [f"pretrain.init_from: {uri} holds ELO layers {found or 'none'}, the spec detaches {list(layers)}; "
+                "warm-start from a run with the same pretrain.layers (its {root}/{run_id}/pretrain/model)"]
+    return []
 
 
 def check_data(spec: JobSpec) -> list[str]:

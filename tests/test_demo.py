@@ -130,3 +130,20 @@ def test_killed_driver_resumes_pretraining_to_the_same_weights(ray_address, demo
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_warm_start_trains_from_an_earlier_elo_model(ray_local, demo_base, tmp_path):
+    """Scheduled retraining: pretraining starts from a previous run's ELO layers, not the base's."""
+    from elo_ray import surgery
+
+    earlier = surgery.save_detached(demo_base, (0, -1), str(tmp_path / "earlier-elo"))
+    spec = load_spec(DEMO, [f"storage.root={tmp_path / 'runs'}", f"model.base={demo_base}",
+                            f"pretrain.init_from={earlier}", "pretrain.train.max_steps=2"])
+    done = pipeline.run_pipeline(spec, "warm", STAGES, stages=["pretrain"], overridden=True)
+    assert not (tmp_path / "runs" / "warm" / "pretrain" / "work").exists()  # nothing detached from the base
+    out = done["pretrain"].uris["model"]
+    assert surgery.checkpoint_config(out).elo_layers == [0, 5]
+    before, after = tensors(earlier, tmp_path), tensors(out, tmp_path)
+    assert before.keys() == after.keys()
+    assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"])

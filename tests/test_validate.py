@@ -127,3 +127,12 @@ def test_cli_exits_2_with_one_line_per_problem(workspace):
     assert "pretrain.layers: layer index 9 is out of range" in proc.stderr
     proc = subprocess.run([ELO_RAY, "validate", str(spec), "--set", "pretrain.layerz=[0]"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--set pretrain.layerz: unknown key; did you mean 'layers'?" in proc.stderr
+
+
+def test_warm_start_must_hold_the_same_layers(workspace):
+    from elo_ray import surgery
+
+    elo = surgery.save_detached(str(workspace / "model"), (0, 2), str(workspace / "elo-0-2"), overwrite=True)
+    assert problems(workspace, **{"pretrain.init_from": elo, "pretrain.layers": [0, 2]}) == []
+    [line] = problems(workspace, **{"pretrain.init_from": elo})
+    assert line.startswith(f"pretrain.init_from: {elo} holds ELO layers [0, 2], the spec detaches [0, 3]")
