@@ -36,6 +36,10 @@ def ray_head(tmp_path):
     `--block` keeps `ray start` in the foreground, so ending its process group stops exactly
     this cluster and never the test session's own Ray. Start and submit share RAY_AUTH_MODE."""
     gcs, dashboard = free_port(), free_port()
+    # Every port of its own: the defaults (e.g. the agent's 52365) clash with any other Ray here.
+    ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "runtime-env-agent-port",
+                                            "node-manager-port", "object-manager-port", "ray-client-server-port")}
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "ray-head.log", "w")
@@ -43,7 +47,7 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--temp-dir={temp_dir}"],
+         f"--temp-dir={temp_dir}", *(f"--{flag}={port}" for flag, port in ports.items())],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
