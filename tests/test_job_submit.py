@@ -85,7 +85,7 @@ def test_ray_job_submit_runs_the_demo_spec(ray_head, tmp_path):
     submit = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
               "--runtime-env-json", excludes, "--", "elo-ray", "run", "jobs/demo.yaml", "--run-id", "submitted",
               *overrides]
-    deadline = time.monotonic() + 300  # the agent took over 2 minutes at load average 30
+    deadline = time.monotonic() + 300
     while True:
         proc = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         # The dashboard answers before its job agent is up; then nothing was submitted: try again.
