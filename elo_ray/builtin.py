@@ -44,6 +44,12 @@ def resolve(uri: str, storage_root: str) -> str:
     raise ValueError(f"{uri}: unknown builtin; use builtin:corpus/<file> or one of {MODELS}")
 
 
+def resolve_sources(cfg, storage_root: str):
+    """A copy of a data config (DataConfig or ChatDataConfig) with `builtin:` source URIs resolved."""
+    sources = [s.model_copy(update={"uri": resolve(s.uri, storage_root)}) for s in cfg.sources]
+    return cfg.model_copy(update={"sources": sources})
+
+
 def corpus_texts(pattern: str = "*.jsonl") -> list[str]:
     """Every text of the bundled corpus files matching `pattern` (chat files: every message)."""
     texts = []

@@ -15,7 +15,7 @@ import os
 import ray
 
 from elo_ray import builtin, data, evaluate, storage, surgery
-from elo_ray.config import DataConfig, TrainConfig
+from elo_ray.config import TrainConfig
 from elo_ray.pipeline import StageContext, StageResult, log
 from elo_ray.train import run_training
 
@@ -49,11 +49,6 @@ def base_model(ctx: StageContext) -> str:
 
 def tokenizer_uri(ctx: StageContext) -> str:
     return builtin.resolve(ctx.spec.model.tokenizer or ctx.spec.model.base, ctx.spec.storage.root)
-
-
-def _resolved_data(cfg: DataConfig, root: str) -> DataConfig:
-    sources = [s.model_copy(update={"uri": builtin.resolve(s.uri, root)}) for s in cfg.sources]
-    return cfg.model_copy(update={"sources": sources})
 
 
 def _train(ctx: StageContext, model_uri: str, train: TrainConfig, plan, seq_len: int) -> StageResult:
@@ -95,7 +90,7 @@ def pretrain(ctx: StageContext) -> StageResult:
         model_uri = storage.join(ctx.uri, "work", "init")
         log(f"pretrain: detaching layers {cfg.layers} of {base_model(ctx)}")
         _remote(surgery.save_detached, base_model(ctx), tuple(cfg.layers), model_uri, overwrite=True)
-    data_cfg = _resolved_data(cfg.data, ctx.spec.storage.root)
+    data_cfg = builtin.resolve_sources(cfg.data, ctx.spec.storage.root)
     plan = data.plan_pretrain_stream(data_cfg, tokenizer_uri(ctx), world_size=ctx.spec.resources.num_workers)
     return _train(ctx, model_uri, cfg.train.model_copy(update={"method": "elo"}), plan, data_cfg.seq_len)
 
@@ -115,7 +110,7 @@ def align(ctx: StageContext) -> StageResult:
     data_cfg = cfg.data or ctx.spec.pretrain.data
     if cfg.data is None and cfg.max_tokens:
         data_cfg = data_cfg.model_copy(update={"max_tokens": cfg.max_tokens})
-    data_cfg = _resolved_data(data_cfg, ctx.spec.storage.root)
+    data_cfg = builtin.resolve_sources(data_cfg, ctx.spec.storage.root)
     plan = data.plan_pretrain_stream(data_cfg, tokenizer_uri(ctx), world_size=ctx.spec.resources.num_workers)
     return _train(ctx, ctx.input_model(), cfg.train, plan, data_cfg.seq_len)
 
@@ -135,9 +130,7 @@ def instruct(ctx: StageContext) -> StageResult:
         model_uri = out
     if not cfg.sft_enabled:
         return StageResult(uris={"model": model_uri})
-    data_cfg = cfg.data.model_copy(
-        update={"sources": [s.model_copy(update={"uri": builtin.resolve(s.uri, spec.storage.root)}) for s in cfg.data.sources]}
-    )
+    data_cfg = builtin.resolve_sources(cfg.data, spec.storage.root)
     plan = data.plan_chat_stream(data_cfg, tokenizer_uri(ctx), world_size=spec.resources.num_workers)
     return _train(ctx, model_uri, cfg.train, plan, data_cfg.seq_len)
 
@@ -162,7 +155,7 @@ def _perplexities(models: dict[str, str], heldout: dict[str, list[list[int]]], u
 def eval(ctx: StageContext) -> StageResult:  # noqa: A001 - the stage is called eval
     """Held-out perplexity per language for the base model and each stage's output."""
     spec = ctx.spec
-    data_cfg = _resolved_data(spec.pretrain.data, spec.storage.root)
+    data_cfg = builtin.resolve_sources(spec.pretrain.data, spec.storage.root)
     heldout = data.heldout(data_cfg, tokenizer_uri(ctx))
     heldout = {lang: docs[: spec.eval.max_docs] for lang, docs in heldout.items()}
     models = {"base": base_model(ctx), **{name: m.uris["model"] for name, m in ctx.inputs.items()}}

@@ -113,11 +113,11 @@ def check_data(spec: JobSpec) -> list[str]:
         if cfg is None:
             continue
         try:
-            sources = [s.model_copy(update={"uri": builtin.resolve(s.uri, spec.storage.root)}) for s in cfg.sources]
+            resolved = builtin.resolve_sources(cfg, spec.storage.root)
         except ValueError as e:
             problems.append(f"{key}.sources: {e}")
             continue
-        problems += [f"{key}: {p}" for p in data.validate_sources(cfg.model_copy(update={"sources": sources}))]
+        problems += [f"{key}: {p}" for p in data.validate_sources(resolved)]
     return problems
 
 
