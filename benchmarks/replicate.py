@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     results = {
         "size_name": args.size, "size": asdict(size), "device": args.device,
         "command": " ".join(["benchmarks/replicate.py", *(argv if argv is not None else sys.argv[1:])]),
+        "overrides": args.overrides,
         "device_name": exp.info.get("gpu") or f"{exp.info['cpus']} CPU cores",
         "corpus": {lang: c.stats for lang, c in exp.corpus.items()},
         "base": {"params": exp._trainable(exp.base_dir, "full"), "run": asdict(base_run), "perplexity": base_ppl},

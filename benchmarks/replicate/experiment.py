@@ -346,6 +346,7 @@ class Experiment:
             saved = json.loads(marker.read_text())
             if saved["settings"] == json.loads(json.dumps(settings)):
                 log(f"base: reusing {self.base_dir} (pretrained in {saved['run']['wall_s']:.0f}s; --fresh to redo)")
+                self.info["base_reused_from"] = saved.get("commit", "an earlier run")
                 return StageRun(**{**saved["run"], "curve": [tuple(c) for c in saved["run"]["curve"]]})
         tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         config = tiny_config(
@@ -367,7 +368,7 @@ class Experiment:
         else:
             data_cfg = self.data_config("train", s.base_tokens, languages=("en",))
         run = self.train("base", self.runs / "base", init, self.base_dir, method="full", lr=s.base_lr, data_cfg=data_cfg)
-        marker.write_text(json.dumps({"settings": settings, "run": asdict(run)}))
+        marker.write_text(json.dumps({"settings": settings, "run": asdict(run), "commit": self.info.get("elo_ray_commit")}))
         return run
 
     # ------------------------------------------------------------------ the methods

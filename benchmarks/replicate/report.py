@@ -117,17 +117,25 @@ def corpus_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def reproduce(results: dict) -> str:
+    """The command that reproduces these results (where they are written aside)."""
+    sets = "".join(f" --set {o}" for o in results.get("overrides", []))
+    device = " --device cuda" if results.get("device") == "cuda" else ""
+    return f"benchmarks/replicate.py --size {results['size_name']}{device}{sets}"
+
+
 def markdown(results: dict) -> str:
     """The whole report: settings, corpus, perplexity table, time table."""
     s, info = results["size"], results["info"]
     base = results["base"]
     lines = [
-        f"# Replication in miniature: `{results.get('command', '--size ' + results['size_name'])}` on {results['device_name']}",
+        f"# Replication in miniature: `{reproduce(results)}` on {results['device_name']}",
         "",
         f"Base model: Llama-shaped, {s['num_layers']} layers, hidden {s['hidden_size']}, "
         f"{base['params'] / 1e6:.1f}M parameters, vocabulary {info.get('vocab_size', s['vocab_size'])}, "
         f"pretrained from scratch on {_fmt_tokens(base['run']['tokens'])} English tokens "
-        f"({_fmt_s(base['run']['wall_s'])} s). Continual pretraining: {_fmt_tokens(s['cp_tokens'])} tokens per method, "
+        f"({_fmt_s(base['run']['wall_s'])} s{', by an earlier invocation, reused' if info.get('base_reused_from') else ''}). "
+        f"Continual pretraining: {_fmt_tokens(s['cp_tokens'])} tokens per method, "
         f"English:Japanese 1:9, sequences of {s['seq_len']}; ELO spends {100 * (1 - s['align_share']):.0f}% of them "
         f"on its layers and {100 * s['align_share']:.0f}% on alignment. Learning rates: full {s['cp_lr']:g}, "
         f"ELO {s['cp_lr']:g}, LoRA {s['lora_lr']:g}, alignment {s['align_lr']:g} (warm-up, cosine to 10%).",
@@ -146,7 +154,7 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: {info.get('cpus')} CPUs, torch {info.get('torch')}, {info.get('gpu', 'no GPU')}; load average "
         f"{'/'.join(f'{x:.1f}' for x in info.get('load_average_at_start', []))} at the start and "
-        f"{'/'.join(f'{x:.1f}' for x in info.get('load_average_at_end', []))} at the end; whole run "
+        f"{'/'.join(f'{x:.1f}' for x in info.get('load_average_at_end', []))} at the end; this invocation "
         f"{_fmt_s(info.get('total_s'))} s; elo-ray {info.get('elo_ray_commit', '?')}.",
         "",
     ]
@@ -189,10 +197,15 @@ def plot_perplexity(results: dict, path: Path) -> None:
 
 
 def plot_time(results: dict, path: Path) -> None:
+    """Wall seconds by stage (the training loop hatched inside), and beside them the workers' CPU
+    seconds in the training loops, which a shared machine's other load disturbs far less."""
     import matplotlib.pyplot as plt
 
     methods = results["methods"]
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(methods) + 1.6))
+    has_cpu = all(s.get("cpu_s") is not None for m in methods for s in m["stages"] if s.get("loop_s") is not None)
+    fig, axes = plt.subplots(1, 2 if has_cpu else 1, figsize=(13 if has_cpu else 9, 0.6 * len(methods) + 1.8),
+                             squeeze=False)
+    ax = axes[0][0]
     seen = set()
     for i, m in enumerate(methods):
         left = 0.0
@@ -209,9 +222,26 @@ def plot_time(results: dict, path: Path) -> None:
     ax.set_yticks(range(len(methods)), [m["name"] for m in methods])
     ax.invert_yaxis()
     ax.set_xlabel(f"wall seconds, {_fmt_tokens(results['size']['cp_tokens'])} tokens per method")
-    ax.set_title("time by method and stage (one run, same machine)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    ax.set_title("wall time by method and stage")
     ax.margins(x=0.15)
+    if has_cpu:
+        ax = axes[0][1]
+        for i, m in enumerate(methods):
+            left = 0.0
+            for s in sorted(m["stages"], key=lambda s: STAGE_ORDER.index(s["stage"])):
+                if s.get("cpu_s") is None:
+                    continue
+                ax.barh(i, s["cpu_s"], left=left, color=STAGE_COLOURS[s["stage"]])
+                left += s["cpu_s"]
+            ax.text(left, i, f" {left:,.0f} CPU-s", va="center", fontsize=9)
+        ax.set_yticks(range(len(methods)), [""] * len(methods))
+        ax.invert_yaxis()
+        ax.set_xlabel("CPU seconds of the training worker in its training loops")
+        ax.set_title("work by method (CPU seconds)")
+        ax.margins(x=0.2)
+    axes[0][-1].legend(handles=axes[0][0].get_legend_handles_labels()[0],
+                       labels=axes[0][0].get_legend_handles_labels()[1],
+                       loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
