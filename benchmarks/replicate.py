@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         "overrides": args.overrides,
         "device_name": exp.info.get("gpu") or f"{exp.info['cpus']} CPU cores",
         "corpus": {lang: c.stats for lang, c in exp.corpus.items()},
-        "base": {"params": exp._trainable(exp.base_dir, "full"), "run": asdict(base_run), "perplexity": base_ppl},
+        "base": {"params": exp.trainable_params(exp.base_dir, "full"), "run": asdict(base_run), "perplexity": base_ppl},
         "methods": [], "info": exp.info,
     }
     exp.info["vocab_size"] = len(json.loads((exp.tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])

@@ -382,7 +382,7 @@ class Experiment:
         res.stages.append(self.train("cp", run_dir, self.base_dir, out, method=kind, lr=lr,
                                      data_cfg=self.data_config("train", s.cp_tokens)))
         res.perplexity[kind] = self.perplexity(out)
-        res.trainable_params = self._trainable(self.base_dir, kind)
+        res.trainable_params = self.trainable_params(self.base_dir, kind)
         return res
 
     def run_elo(self, layers: tuple[int, ...]) -> MethodResult:
@@ -407,10 +407,10 @@ class Experiment:
         res.stages.append(self.train("align", run_dir, merged, aligned, method="full", lr=s.align_lr,
                                      data_cfg=self.data_config("align", s.cp_tokens - pretrain_tokens, seed_offset=1)))
         res.perplexity[f"{name} + align"] = self.perplexity(aligned)
-        res.trainable_params = self._trainable(elo_init, "elo")
+        res.trainable_params = self.trainable_params(elo_init, "elo")
         return res
 
-    def _trainable(self, model_dir: Path, kind: str) -> int:
+    def trainable_params(self, model_dir: Path, kind: str) -> int:
         """Parameters the method's main stage trains (counted on a meta-device model)."""
         from elo_ray.config import TrainConfig
         from elo_ray.train import model as model_lib
