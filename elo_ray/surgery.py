@@ -559,6 +559,18 @@ def _stream_shard(output: _Output, src: _Checkpoint, shard_name: str, produce) -
                 src.copy_bytes(info, dst)
 
 
+def _write_like(src: "_Checkpoint", output: _Output, produce) -> None:
+    """Write a checkpoint with `src`'s shards, index and side files, tensors from `produce`;
+    config.json goes last."""
+    for shard in src.shard_names:
+        _stream_shard(output, src, shard, produce)
+    if src.index is not None:
+        with output.open(INDEX_NAME) as f:
+            f.write(src.index)
+    _copy_side_files(src.uri, src.files, output)
+    output.copy_in(storage.join(src.uri, CONFIG_NAME), CONFIG_NAME)
+
+
 def _stream_elementwise(dst, n: int, out_dtype: torch.dtype, sources, fn) -> None:
     """Write fn(*chunks).to(out_dtype) for each chunk of n elements read from `sources`
     [(checkpoint, info)], so that no whole tensor is ever in memory."""
@@ -765,16 +777,7 @@ def merge(base: str, elo: str, out: str, *, overwrite: bool = False) -> str:
             _stream_elementwise(dst, info.numel, info.dtype, [(e, e.info(replace[key]))], lambda x: x)
             return True
 
-        def write(output: _Output) -> None:
-            for shard in b.shard_names:
-                _stream_shard(output, b, shard, produce)
-            if b.index is not None:
-                with output.open(INDEX_NAME) as f:
-                    f.write(b.index)
-            _copy_side_files(b.uri, b.files, output)
-            output.copy_in(storage.join(b.uri, CONFIG_NAME), CONFIG_NAME)
-
-        return _write_checkpoint(output, write)
+        return _write_checkpoint(output, lambda out: _write_like(b, out, produce))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -846,13 +849,4 @@ def chat_vector(
             _stream_elementwise(dst, info.numel, info.dtype, sources, add)
             return True
 
-        def write(output: _Output) -> None:
-            for shard in t.shard_names:
-                _stream_shard(output, t, shard, produce)
-            if t.index is not None:
-                with output.open(INDEX_NAME) as f:
-                    f.write(t.index)
-            _copy_side_files(t.uri, t.files, output)
-            output.copy_in(storage.join(t.uri, CONFIG_NAME), CONFIG_NAME)
-
-        return _write_checkpoint(output, write)
+        return _write_checkpoint(output, lambda out: _write_like(t, out, produce))
