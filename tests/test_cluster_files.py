@@ -4,6 +4,7 @@ fields, and against each other (same image, same Ray, specs that exist and load)
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -172,15 +173,77 @@ def test_aws_workers_run_nccl_over_efa(path):
     assert "NCCL_DEBUG=WARN" in " ".join(docker["run_options"])
 
 
-@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
-def test_nodes_reach_object_storage_through_a_cloud_identity(path):
-    cfg = load(path)
+def node_identities(cfg: dict) -> dict[str, str]:
+    """Each node type's cloud identity: its instance profile's name (AWS) or its service account."""
+    out = {}
     for name, node in cfg["available_node_types"].items():
         nc = node["node_config"]
         if cfg["provider"]["type"] == "aws":
-            assert nc["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::"), name
-        elif name != cfg["head_node_type"]:  # Ray gives the GCP head its own service account
-            assert nc["serviceAccounts"][0]["email"].endswith(".iam.gserviceaccount.com")
+            out[name] = re.fullmatch(r"arn:aws:iam::[\w-]+:instance-profile/(.+)", nc["IamInstanceProfile"]["Arn"]).group(1)
+        else:
+            (account,) = nc["serviceAccounts"]
+            out[name] = account["email"]
+    return out
+
+
+def readme_permissions() -> dict[str, tuple[str, str, str]]:
+    """cluster/README.md's permissions table: identity -> (file pattern, node type, what it needs)."""
+    text = (ROOT / "cluster" / "README.md").read_text()
+    section = text.split("## Permissions", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            identity, who, needs = line.split("|")[1:-1]
+            files, node = re.fullmatch(r"\s*`([^`]+)`: (\w+)\s*", who).groups()
+            rows[re.match(r"\s*`([^`]+)`", identity).group(1)] = (files, node, needs)
+    return rows
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_nodes_reach_object_storage_through_a_cloud_identity(path):
+    for name, identity in node_identities(load(path)).items():
+        assert identity.startswith("elo-ray-") or identity.endswith(".iam.gserviceaccount.com"), (name, identity)
+
+
+def test_gcp_head_runs_as_the_account_ray_gives_it():
+    # Ray's bootstrap sets the head's account to this one unless node_config names another.
+    source = (Path(ray.autoscaler.__file__).parent / "_private" / "gcp" / "config.py").read_text()
+    ray_account = re.search(r'^RAY = "(.+)"$', source, re.M).group(1) + "-sa-" + re.search(r'^VERSION = "(.+)"$', source, re.M).group(1)
+    cfg = load(ROOT / "cluster" / "gcp-a3-h100.yaml")
+    head = node_identities(cfg)[cfg["head_node_type"]]
+    assert head == f"{ray_account}@{cfg['provider']['project_id']}.iam.gserviceaccount.com"
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_every_node_may_pull_the_image_as_the_readme_says(path):
+    cfg = load(path)
+    permissions = readme_permissions()
+    pull = {"aws": "`AmazonEC2ContainerRegistryReadOnly`", "gcp": "`roles/artifactregistry.reader`"}[cfg["provider"]["type"]]
+    for name, identity in node_identities(cfg).items():
+        assert identity in permissions, f"{path.name}: {name} runs as {identity}, which cluster/README.md does not list"
+        files, node, needs = permissions[identity]
+        assert fnmatch.fnmatch(path.name, files) and node == name, (path.name, name, files, node)
+        assert pull in needs, f"{path.name}: {name} ({identity}) may not pull the image"
+
+
+def test_readme_lists_no_identity_that_no_cluster_file_uses():
+    used = {i for cfg in map(load, LAUNCHERS) for i in node_identities(cfg).values()}
+    assert set(readme_permissions()) == used
+
+
+@pytest.mark.parametrize("path", LAUNCHERS, ids=ids(LAUNCHERS))
+def test_every_node_logs_docker_in_to_the_images_registry_before_the_pull(path):
+    cfg = load(path)
+    registry = cfg["docker"]["image"].rsplit("/", 1)[0]
+    region = cfg["provider"]["region"]
+    commands = cfg["initialization_commands"]  # run on every node's host, before `docker pull`
+    if cfg["provider"]["type"] == "aws":
+        login = f"aws ecr get-login-password --region {region} | docker login --username AWS --password-stdin {registry}"
+        assert commands == [login]
+    else:
+        assert commands == [f"gcloud auth configure-docker {region}-docker.pkg.dev --quiet"]
+        assert f"{region}-docker.pkg.dev/YOUR-PROJECT/" in path.read_text()  # what YOUR-REGISTRY is
+    assert cfg["docker"]["pull_before_run"] is True
 
 
 @pytest.mark.parametrize(
@@ -265,30 +328,59 @@ def test_rayjob_runs_a_job_spec_that_exists_in_the_image_and_loads():
     assert "WORKDIR /home/ray/elo-ray" in dockerfile and "COPY --chown=ray:users jobs ./jobs" in dockerfile
 
 
-def test_cronjob_creates_the_rayjob_weekly_with_a_dated_run_id(tmp_path):
-    docs = {d["kind"]: d for d in load_all(KUBERAY / "cronjob.yaml")}
-    cron = docs["CronJob"]["spec"]
-    assert len(cron["schedule"].split()) == 5
-    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
-    binding = docs["RoleBinding"]
-    assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
-    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
-    assert {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list"]} in docs["Role"]["rules"]
-    (create,) = pod["containers"]
-    assert create["args"] == ["create", "-f", "/rendered/rayjob.yaml"]
-
-    # Run the render step as the pod would, on the real rayjob.yaml.
+def render_like_the_cronjob(tmp_path: Path) -> dict:
+    """The CronJob's render step run as the pod runs it, on the real rayjob.yaml; the RayJob."""
+    pod = {d["kind"]: d for d in load_all(KUBERAY / "cronjob.yaml")}["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (render,) = pod["initContainers"]
     (template_dir, rendered_dir) = (tmp_path / "template", tmp_path / "rendered")
     template_dir.mkdir(), rendered_dir.mkdir()
     (template_dir / "rayjob.yaml").write_text((KUBERAY / "rayjob.yaml").read_text())
     script = render["args"][0].replace("/template/", f"{template_dir}/").replace("/rendered/", f"{rendered_dir}/")
     subprocess.run([*render["command"], script], check=True, env={**os.environ, "TZ": "UTC"})
-    job = load(rendered_dir / "rayjob.yaml")
+    return load(rendered_dir / "rayjob.yaml")
+
+
+def test_cronjob_creates_the_rayjob_weekly_with_a_dated_run_id(tmp_path):
+    docs = {d["kind"]: d for d in load_all(KUBERAY / "cronjob.yaml")}
+    cron = docs["CronJob"]["spec"]
+    assert len(cron["schedule"].split()) == 5 and cron["concurrencyPolicy"] == "Forbid"
+    pod = cron["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    binding = docs["RoleBinding"]
+    assert binding["roleRef"]["name"] == docs["Role"]["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == pod["serviceAccountName"]
+    # Create and read RayJobs, never change or delete one: an existing run is left as it is.
+    assert docs["Role"]["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}]
+    (create,) = pod["containers"]
+    assert create["args"] == ["apply", "-f", "/rendered/rayjob.yaml"]
+
+    job = render_like_the_cronjob(tmp_path)
     today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     assert job["spec"]["entrypoint"].endswith(f"--run-id ko-{today}")
-    assert job["metadata"]["generateName"] == "elo-ray-ko-"
+    assert job["metadata"]["name"] == f"elo-ray-ko-{today}"
+
+
+def test_rayjob_is_named_after_its_run_id_so_a_second_one_cannot_start(tmp_path):
+    template = load(KUBERAY / "rayjob.yaml")
+    assert "generateName" not in template["metadata"]
+    job = render_like_the_cronjob(tmp_path)
+    argv = shlex.split(job["spec"]["entrypoint"])
+    name = job["metadata"]["name"]
+    assert name == "elo-ray-" + argv[argv.index("--run-id") + 1]
+    # KubeRay's RayJob name rule (ray-operator utils.ValidateRayJobMetadata, v1.7): a DNS-1035
+    # label of at most 47 characters, room for the RayCluster's suffix.
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 47
+    # Creating it by hand renders it the same way as the CronJob does.
+    cron_pod = {d["kind"]: d for d in load_all(KUBERAY / "cronjob.yaml")}["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    sed = cron_pod["initContainers"][0]["args"][0].split(" /template/")[0]
+    assert f"{sed} cluster/kuberay/rayjob.yaml | kubectl create --save-config -f -" in (KUBERAY / "rayjob.yaml").read_text()
+
+
+def test_cronjob_pulls_small_pinned_images_not_the_training_image():
+    cron = {d["kind"]: d for d in load_all(KUBERAY / "cronjob.yaml")}["CronJob"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    images = {c["name"]: c["image"] for c in [*pod["initContainers"], *pod["containers"]]}
+    assert images == {"render": "busybox:1.37.0", "create-rayjob": "registry.k8s.io/kubectl:v1.33.0"}
 
 
 def test_service_account_carries_both_cloud_identity_annotations():
@@ -315,8 +407,6 @@ def test_every_cluster_file_runs_the_image_of_this_version():
     images = [load(p)["docker"]["image"] for p in LAUNCHERS]
     for name, spec in ray_cluster_specs().items():
         images += [c["image"] for pod in pod_specs(spec) for c in pod["containers"]]
-    cron = {d["kind"]: d for d in load_all(KUBERAY / "cronjob.yaml")}["CronJob"]
-    images += [c["image"] for c in cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"]]
     assert set(images) == {IMAGE}
     assert f"-t {IMAGE} ." in (ROOT / "docker" / "Dockerfile").read_text()
 
