@@ -96,6 +96,9 @@ def start_ray(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # shorter start-up of each stage
     import ray
 
+    from elo_ray import logs
+
+    logs.configure()  # elo-ray's progress lines, here and (the level carried along) in the workers
     # "local": always a Ray of our own, never a cluster some other process started on this machine.
     ray.init(address="local", num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
              logging_config=ray.LoggingConfig(log_level="WARNING"))

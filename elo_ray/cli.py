@@ -7,6 +7,9 @@
 
 Exit codes: 0 every asked stage is complete; 2 the spec or the run is invalid (one line per
 problem, each naming the key or URI); 1 a stage failed while running.
+
+Messages go to stdout as `[elo-ray] ...` at INFO; `--verbose` adds DEBUG lines, `--quiet` keeps
+only warnings (run, validate, demo). Problems and warnings about the spec go to stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import sys
 from importlib import resources
 
+from elo_ray import logs
 from elo_ray.config import JobSpec, SpecError, load_spec
 
 EXIT_INVALID = 2
@@ -112,14 +116,20 @@ def cmd_status(args) -> int:
 def cmd_demo(args) -> int:
     spec_path = str(resources.files("elo_ray") / DEMO_SPEC)
     overrides = [f"storage.root={os.path.abspath(os.path.join(args.workdir, 'runs'))}", *args.set]
-    return cmd_run(argparse.Namespace(spec=spec_path, set=overrides, run_id=args.run_id, stages=None))
+    return cmd_run(argparse.Namespace(**{**vars(args), "spec": spec_path, "set": overrides, "stages": None}))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elo-ray", description="ELO continual pretraining on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    def with_verbosity(p):
+        loud = p.add_mutually_exclusive_group()
+        loud.add_argument("--verbose", "-v", action="store_true", help="also print debug messages")
+        loud.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors")
+
     def with_spec(p):
+        with_verbosity(p)
         p.add_argument("spec", help="job spec YAML")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a spec key, e.g. pretrain.train.lr=1e-5 (repeatable)")
@@ -143,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="work/demo", help="where the demo keeps its runs (default work/demo)")
     p.add_argument("--run-id", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    with_verbosity(p)
     p.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)
+    logs.configure(logs.level_from_flags(getattr(args, "verbose", False), getattr(args, "quiet", False)))
     return args.fn(args)
 
 

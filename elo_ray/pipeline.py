@@ -18,6 +18,7 @@ after it.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -33,12 +34,11 @@ MODEL_STAGES = ("merge", "align", "instruct")  # stages whose output is a whole 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+log = logging.getLogger(__name__)
+
+
 class PipelineError(RuntimeError):
     """A run cannot go on; the message names the stage, the URI and what to do."""
-
-
-def log(message: str) -> None:
-    print(f"[elo-ray] {message}", flush=True)
 
 
 def resolve_run_id(template: str | None, now: dt.datetime | None = None) -> str:
@@ -178,7 +178,7 @@ def store_spec(run: Run, overridden: bool) -> None:
             )
         if not diffs:
             return
-        log(f"spec changed by --set: {', '.join(diffs)}; changed stages and those after them rerun")
+        log.info(f"spec changed by --set: {', '.join(diffs)}; changed stages and those after them rerun")
     storage.write_text(uri, text)
 
 
@@ -213,7 +213,7 @@ def run_pipeline(
         raise PipelineError(f"stage(s) {disabled} are disabled in the spec; enable them with --set {disabled[0]}.enabled=true")
 
     store_spec(run, overridden)
-    log(f"run {run_id} at {run.uri}: stages {', '.join(asked)}")
+    log.info(f"run {run_id} at {run.uri}: stages {', '.join(asked)}")
     done: dict[str, manifest.Manifest] = {}
     for stage in enabled:
         uri = run.stage_uri(stage)
@@ -232,15 +232,15 @@ def run_pipeline(
         chash = config_hash(spec, stage, {k: m.digest for k, m in inputs.items()})
         current = manifest.read(uri)
         if current is not None and current.config_hash == chash:
-            log(f"{stage}: complete (committed {current.finished_at}), skipped")
+            log.info(f"{stage}: complete (committed {current.finished_at}), skipped")
             done[stage] = current
             continue
         if stage not in asked:
             continue  # not asked and not committed: later stages that need it will say so
         if current is not None:
-            log(f"{stage}: settings or inputs changed since {current.finished_at}; rerunning")
+            log.info(f"{stage}: settings or inputs changed since {current.finished_at}; rerunning")
             manifest.retract(uri)
-        log(f"{stage}: starting")
+        log.info(f"{stage}: starting")
         started, t0 = _now(), time.perf_counter()
         ctx = StageContext(run=run, stage=stage, config_hash=chash, inputs=inputs)
         try:
@@ -261,7 +261,7 @@ def run_pipeline(
         )
         manifest.commit(uri, m)
         done[stage] = m
-        log(f"{stage}: complete in {seconds:.1f}s")
+        log.info(f"{stage}: complete in {seconds:.1f}s")
     missing = [s for s in asked if s not in done]
     if missing:
         raise PipelineError(f"stage(s) {missing} did not complete")

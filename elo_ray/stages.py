@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 
 import ray
 
-from elo_ray import builtin, data, evaluate, storage, surgery
+from elo_ray import builtin, data, evaluate, logs, storage, surgery
 from elo_ray.config import TrainConfig
-from elo_ray.pipeline import StageContext, StageResult, log
+from elo_ray.pipeline import StageContext, StageResult
 from elo_ray.train import run_training
+
+log = logging.getLogger(__name__)
 
 
 def ensure_ray() -> None:
@@ -76,7 +79,7 @@ def _train(ctx: StageContext, model_uri: str, train: TrainConfig, plan, seq_len:
 
 def _remote(fn, *args, **kwargs):
     """Run a streaming surgery function as a Ray task and wait for it."""
-    return ray.get(ray.remote(num_cpus=1, max_retries=2)(fn).remote(*args, **kwargs))
+    return ray.get(ray.remote(num_cpus=1, max_retries=2)(logs.in_workers(fn)).remote(*args, **kwargs))
 
 
 @_on_ray
@@ -85,10 +88,10 @@ def pretrain(ctx: StageContext) -> StageResult:
     cfg = ctx.spec.pretrain
     if cfg.init_from:
         model_uri = builtin.resolve(cfg.init_from, ctx.spec.storage.root)
-        log(f"pretrain: warm start from {model_uri}")
+        log.info(f"pretrain: warm start from {model_uri}")
     else:
         model_uri = storage.join(ctx.uri, "work", "init")
-        log(f"pretrain: detaching layers {cfg.layers} of {base_model(ctx)}")
+        log.info(f"pretrain: detaching layers {cfg.layers} of {base_model(ctx)}")
         _remote(surgery.save_detached, base_model(ctx), tuple(cfg.layers), model_uri, overwrite=True)
     data_cfg = builtin.resolve_sources(cfg.data, ctx.spec.storage.root)
     plan = data.plan_pretrain_stream(data_cfg, tokenizer_uri(ctx), world_size=ctx.spec.resources.num_workers)
@@ -122,7 +125,7 @@ def instruct(ctx: StageContext) -> StageResult:
     model_uri = ctx.input_model()
     if cfg.chat_vector.enabled and spec.model.instruct:
         out = storage.join(ctx.uri, "model" if not cfg.sft_enabled else "work/chat_vector")
-        log(f"instruct: adding the chat vector {spec.model.instruct} - {base_model(ctx)}")
+        log.info(f"instruct: adding the chat vector {spec.model.instruct} - {base_model(ctx)}")
         _remote(
             surgery.chat_vector, model_uri, base_model(ctx), builtin.resolve(spec.model.instruct, spec.storage.root),
             out, scale=cfg.chat_vector.scale, skip=tuple(cfg.chat_vector.skip), overwrite=True,
@@ -159,12 +162,12 @@ def eval(ctx: StageContext) -> StageResult:  # noqa: A001 - the stage is called 
     heldout = data.heldout(data_cfg, tokenizer_uri(ctx))
     heldout = {lang: docs[: spec.eval.max_docs] for lang, docs in heldout.items()}
     models = {"base": base_model(ctx), **{name: m.uris["model"] for name, m in ctx.inputs.items()}}
-    task = ray.remote(num_cpus=1, num_gpus=1 if spec.resources.use_gpu else 0)(_perplexities)
+    task = ray.remote(num_cpus=1, num_gpus=1 if spec.resources.use_gpu else 0)(logs.in_workers(_perplexities))
     rows = ray.get(task.remote(models, heldout, spec.resources.use_gpu))
     table = evaluate.format_table(rows)
     storage.write_text(storage.join(ctx.uri, "perplexity.json"), json.dumps(rows, indent=2))
     storage.write_text(storage.join(ctx.uri, "perplexity.md"), table + "\n")
-    log("eval: held-out perplexity (lower is better)\n" + table)
+    log.info("eval: held-out perplexity (lower is better)\n" + table)
     return StageResult(uris={"table": storage.join(ctx.uri, "perplexity.md")}, metrics={"perplexity": rows})
 
 

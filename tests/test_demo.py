@@ -5,6 +5,7 @@ weights. The same spec on local storage through `ray job submit` is in test_job_
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -56,7 +57,7 @@ def test_jobs_demo_is_the_packaged_demo_spec():
     assert (REPO / "jobs" / "demo.yaml").read_bytes() == Path(DEMO).read_bytes()
 
 
-def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, demo_base, tmp_path, capsys):
+def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, demo_base, tmp_path, caplog):
     root = f"{s3_bucket}/runs"
     spec = load_spec(DEMO, [f"storage.root={root}", f"model.base={demo_base}", *SMALL])
     done = pipeline.run_pipeline(spec, "s3demo", STAGES, overridden=True)
@@ -84,11 +85,11 @@ def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, de
     assert list(ppl) == ["base", "merge", "align", "instruct"]
     assert all(math.isfinite(v) and v > 1 for row in ppl.values() for v in row.values())
 
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="elo_ray")
     again = pipeline.run_pipeline(spec, "s3demo", STAGES, overridden=True)
     assert {s: m.digest for s, m in again.items()} == {s: m.digest for s, m in done.items()}
-    out = capsys.readouterr().out
-    assert out.count("skipped") == 5 and "starting" not in out
+    assert caplog.text.count("skipped") == 5 and "starting" not in caplog.text
 
 
 def _wait_for_checkpoint(ray_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:

@@ -10,6 +10,7 @@ workers switch languages in step and end on the same micro-batch.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+log = logging.getLogger(__name__)
 SHUFFLE_WINDOW = 256  # sequences per language held back and drawn at random (seeded)
 _LOG_EVERY_S = 60.0
 
@@ -139,8 +141,8 @@ class StreamReader:
             for lang in (next(order) for _ in range(micro_batch_size)):
                 row = rows[lang].next()
                 if row is None:  # the corpus changed since planning; all workers end here
-                    print(f"[elo-ray] data: {lang} ran out after {b} micro-batches (the corpus changed since "
-                          f"the plan counted it); ending the stream", flush=True)
+                    log.warning(f"data: {lang} ran out after {b} micro-batches (the corpus changed since "
+                                f"the plan counted it); ending the stream")
                     return
                 seen = self._seen[lang]
                 seen["sequences"] += 1
@@ -163,7 +165,7 @@ class StreamReader:
             now = time.monotonic()
             if now - last_log > _LOG_EVERY_S and self._rank() == 0:
                 last_log = now
-                print(f"[elo-ray] data: {self._progress_line()}", flush=True)
+                log.info(f"data: {self._progress_line()}")
 
     def totals(self) -> dict:
         """The plan's size of the whole stream (all workers) and this worker's accounting so far.

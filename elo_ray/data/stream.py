@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import random
 import time
@@ -28,6 +29,7 @@ from elo_ray.data.reader import StreamReader
 from elo_ray.data.sources import Counts, DataError, Unit, list_files, make_units, read_documents, validate_source
 from elo_ray.data.tokens import ChatEncoder, DocEncoder, Packer, cached_encoder, doc_key, load_tokenizer
 
+log = logging.getLogger(__name__)
 BLOCK_ROWS = 256  # sequences per Ray Data block
 MAX_UNIT_BYTES = 64 << 20
 UNITS_PER_LANGUAGE = 256  # enough read tasks to keep a large cluster busy
@@ -199,8 +201,8 @@ def _count(units: list[Unit], job: _Job) -> list[Counts]:
         out[r["unit"]].update({k: r[k] for k in _COUNT_FIELDS})
     tokens = sum(c["tokens"] for c in out)
     took = time.monotonic() - start
-    print(f"[elo-ray] data: counted {tokens:,} tokens in {len(units)} units in {took:.1f}s "
-          f"({tokens / max(took, 1e-9) / 1e3:.1f}k tokens/s)", flush=True)
+    log.info(f"data: counted {tokens:,} tokens in {len(units)} units in {took:.1f}s "
+             f"({tokens / max(took, 1e-9) / 1e3:.1f}k tokens/s)")
     return out
 
 
@@ -428,7 +430,7 @@ def _plan(cfg, tokenizer, world_size: int, chat: bool) -> StreamPlan:
     )
     plan = StreamPlan(datasets, dataset_config, reader, languages, shares, q, world_size, cfg.seq_len, report,
                       [note] if note else [], units)
-    print("[elo-ray] data: " + plan.summary(), flush=True)
+    log.info("data: " + plan.summary())
     return plan
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from elo_ray.train.optim import build_optimizer, build_scheduler
 from elo_ray.train.reader import Batch, BatchReader
 from elo_ray.train.step import check_batches, train_step
 
+log = logging.getLogger(__name__)
 ERROR_FILE = "error.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -119,14 +121,14 @@ class Worker:
             self.log = metrics.MetricsLog.resume(storage.join(self.loop.run_uri, METRICS_FILE), self.step)
         if self.rank == 0:
             what = f"resuming from step {self.step}" if saved else "starting"
-            print(f"[elo-ray] {t.method}: {what}; {len(self.stage.trainable)} trainable tensors, "
-                  f"{self.loop.total_steps} steps, {self.world} worker(s) on {self.device.type}"
-                  + (f" ({torch.get_num_threads()} threads each)" if self.device.type == "cpu" else ""), flush=True)
+            log.info(f"{t.method}: {what}; {len(self.stage.trainable)} trainable tensors, "
+                     f"{self.loop.total_steps} steps, {self.world} worker(s) on {self.device.type}"
+                     + (f" ({torch.get_num_threads()} threads each)" if self.device.type == "cpu" else ""))
         self.train_steps()
         export.export(self.model, self.model_dir, self.loop.output_uri)
         if self.rank == 0:
             self.log.write(self.loop.extra_metrics_uri)
-            print(f"[elo-ray] exported {self.loop.output_uri}", flush=True)
+            log.info(f"exported {self.loop.output_uri}")
 
     # ------------------------------------------------------------------ training
 
@@ -222,7 +224,7 @@ class Worker:
         }
         if self.rank == 0:
             self.log.append(m)
-            print("[elo-ray] " + metrics.progress_line(m, self.loop.total_steps), flush=True)
+            log.info(metrics.progress_line(m, self.loop.total_steps))
         return m, due
 
     def save(self, report: dict) -> tuple[float, float]:

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from elo_ray import storage
+from elo_ray import logs, storage
 from elo_ray.config import ResourcesConfig, TrainConfig
 from elo_ray.train import model as model_lib
 from elo_ray.train.errors import ERRORS, DivergedError, TrainingError
@@ -100,7 +100,7 @@ def run_training(
         reader=plan.reader, total_steps=total_steps, extra_metrics_uri=extra_metrics_uri,
     )
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        logs.in_workers(train_loop_per_worker),
         train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
             num_workers=resources.num_workers,
