@@ -68,6 +68,7 @@ from typing import Any
 
 import yaml
 
+from elo_ray import stage_table
 from elo_ray.config import JobSpec, TrainConfig
 
 GIB = 1024**3
@@ -379,31 +380,15 @@ def _stage_memory(
     )
 
 
-def _seq_len_key(stage: str, spec: JobSpec) -> tuple[str, int]:
-    """The spec key that sets a stage's sequence length, and its value."""
-    if stage == "align" and spec.align.data is not None:
-        return "align.data.seq_len", spec.align.data.seq_len
-    if stage == "instruct" and spec.instruct.data is not None:
-        return "instruct.data.seq_len", spec.instruct.data.seq_len
-    return "pretrain.data.seq_len", spec.pretrain.data.seq_len
-
-
 def estimate_memory(spec: JobSpec, model_config: Any, gpu_memory_gib: float) -> list[StageMemory]:
-    """Per-GPU memory of each enabled training stage: pretrain trains the ELO model
-    (len(pretrain.layers) decoder layers + embedding + head), align and instruct the full model."""
+    """Per-GPU memory of each enabled training stage (stage_table.trainings): pretrain trains the
+    ELO model (len(pretrain.layers) decoder layers + embedding + head), align and instruct the full model."""
     full = dims(model_config).num_layers
-    elo = len(spec.pretrain.layers)
-    out = []
-    if spec.pretrain.enabled:
-        _, s = _seq_len_key("pretrain", spec)
-        out.append(_stage_memory("pretrain", spec.pretrain.train, s, elo, spec, model_config, gpu_memory_gib))
-    if spec.align.enabled:
-        _, s = _seq_len_key("align", spec)
-        out.append(_stage_memory("align", spec.align.train, s, full, spec, model_config, gpu_memory_gib))
-    if spec.instruct.enabled and spec.instruct.sft_enabled:
-        _, s = _seq_len_key("instruct", spec)
-        out.append(_stage_memory("instruct", spec.instruct.train, s, full, spec, model_config, gpu_memory_gib))
-    return out
+    return [
+        _stage_memory(t.stage, t.train, t.data.seq_len, len(spec.pretrain.layers) if t.elo else full, spec,
+                      model_config, gpu_memory_gib)
+        for t in stage_table.trainings(spec)
+    ]
 
 
 def _article(name: str) -> str:
@@ -423,7 +408,7 @@ def _remedy(m: StageMemory, spec: JobSpec, model_config: Any) -> str:
     """What to change, each option tried on a copy of the spec and shown with its new estimate:
     the options that fit on their own, or else every option that helps (to combine)."""
     stage, n = m.stage, spec.resources.num_workers
-    seq_key, seq = _seq_len_key(stage, spec)
+    seq_key, seq = stage_table.training(spec, stage).seq_len_key, m.seq_len
     options: list[tuple[str, list[tuple[str, Any]]]] = []
     if not m.activation_checkpointing:
         options.append((f"turn on {stage}.train.activation_checkpointing", [(f"{stage}.train.activation_checkpointing", True)]))

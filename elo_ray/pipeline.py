@@ -9,7 +9,8 @@ A run lives at `{storage.root}/{run_id}/`:
     {stage}/work/          intermediate files, not outputs
 
 Rerunning the same spec and run id skips every stage whose manifest matches its config hash
-(the stage's settings plus the digests of its input manifests), resumes an interrupted
+(the values of the spec keys the stage reads, declared in stage_table.py, plus the digests of
+its input manifests), resumes an interrupted
 training stage from its last Ray Train checkpoint (the Ray run name carries the config hash,
 so a changed config never resumes stale state), and reruns a changed stage and every stage
 after it.
@@ -26,14 +27,11 @@ from typing import Callable
 
 import yaml
 
-from elo_ray import manifest, storage
+from elo_ray import manifest, stage_table, storage
 from elo_ray.config import JobSpec, spec_to_yaml
 
-STAGE_ORDER = ("pretrain", "merge", "align", "instruct", "eval")
-MODEL_STAGES = ("merge", "align", "instruct")  # stages whose output is a whole model
+STAGE_ORDER = stage_table.ORDER
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
 log = logging.getLogger(__name__)
 
 
@@ -78,51 +76,12 @@ class Run:
         return storage.join(self.uri, stage)
 
 
-def enabled_stages(spec: JobSpec) -> list[str]:
-    return [s for s in STAGE_ORDER if getattr(spec, s).enabled]
-
-
-def check_stage_plan(spec: JobSpec) -> list[str]:
-    """Problems with the set of enabled stages (a stage without the input it needs)."""
-    problems = []
-    if spec.merge.enabled and not spec.pretrain.enabled:
-        problems.append("merge.enabled: merge needs pretrain; enable pretrain or disable merge")
-    if (spec.align.enabled or spec.instruct.enabled) and not spec.merge.enabled:
-        problems.append("merge.enabled: align and instruct train the merged model; enable merge")
-    if spec.instruct.enabled and not spec.instruct.sft_enabled and not (
-        spec.instruct.chat_vector.enabled and spec.model.instruct
-    ):
-        problems.append("instruct: nothing to do; set model.instruct for the chat vector or enable sft")
-    return problems
-
-
-def stage_inputs(spec: JobSpec, stage: str) -> list[str]:
-    """The earlier stages whose outputs `stage` reads."""
-    enabled = enabled_stages(spec)
-    before = [s for s in enabled if STAGE_ORDER.index(s) < STAGE_ORDER.index(stage)]
-    if stage == "pretrain":
-        return []
-    if stage == "merge":
-        return ["pretrain"]
-    if stage in ("align", "instruct"):
-        models = [s for s in before if s in MODEL_STAGES]
-        return models[-1:]
-    return [s for s in before if s in MODEL_STAGES]  # eval scores every model
-
-
 def config_hash(spec: JobSpec, stage: str, input_digests: dict[str, str]) -> str:
-    """What decides a stage's result: its settings, the models it starts from, its inputs.
-
-    Resources are left out on purpose: moving a run to more GPUs does not invalidate it.
-    """
+    """What decides a stage's result: the values of the spec keys it reads (stage_table.py) and
+    the digests of its inputs' manifests. Resources are read by no stage: moving a run to more
+    GPUs does not invalidate it."""
     return manifest.sha256_json(
-        {
-            "stage": stage,
-            "settings": getattr(spec, stage).model_dump(mode="json"),
-            "model": spec.model.model_dump(mode="json"),
-            "pretrain_data": spec.pretrain.data.model_dump(mode="json") if stage in ("align", "eval") else None,
-            "inputs": input_digests,
-        }
+        {"stage": stage, "reads": stage_table.settings(spec, stage), "inputs": input_digests}
     )
 
 
@@ -200,10 +159,10 @@ def run_pipeline(
 ) -> dict[str, manifest.Manifest]:
     """Run (or skip) the asked stages in order; returns every committed manifest of the run."""
     run = Run(spec, run_id)
-    problems = check_stage_plan(spec)
+    problems = stage_table.plan_problems(spec)
     if problems:
         raise PipelineError("; ".join(problems))
-    enabled = enabled_stages(spec)
+    enabled = stage_table.enabled(spec)
     asked = stages or enabled
     unknown = [s for s in asked if s not in STAGE_ORDER]
     if unknown:
@@ -218,7 +177,8 @@ def run_pipeline(
     for stage in enabled:
         uri = run.stage_uri(stage)
         inputs = {}
-        for name in stage_inputs(spec, stage):
+        needed = stage_table.inputs(spec, stage)
+        for name in needed:
             if name not in done:
                 if stage not in asked:
                     break
@@ -227,9 +187,11 @@ def run_pipeline(
                     f"{run.stage_uri(name)}; run --stages {name},{stage}"
                 )
             inputs[name] = done[name]
-        if len(inputs) < len(stage_inputs(spec, stage)):
+        if len(inputs) < len(needed):
             continue
         chash = config_hash(spec, stage, {k: m.digest for k, m in inputs.items()})
+        log.debug(f"{stage}: config hash {chash[:12]} of {', '.join(stage_table.TABLE[stage].reads(spec))}"
+                  + (f" and the manifests of {', '.join(inputs)}" if inputs else ""))
         current = manifest.read(uri)
         if current is not None and current.config_hash == chash:
             log.info(f"{stage}: complete (committed {current.finished_at}), skipped")

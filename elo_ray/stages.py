@@ -15,7 +15,7 @@ import os
 
 import ray
 
-from elo_ray import builtin, data, evaluate, logs, storage, surgery
+from elo_ray import builtin, data, evaluate, logs, stage_table, storage, surgery
 from elo_ray.config import TrainConfig
 from elo_ray.pipeline import StageContext, StageResult
 from elo_ray.train import run_training
@@ -51,7 +51,14 @@ def base_model(ctx: StageContext) -> str:
 
 
 def tokenizer_uri(ctx: StageContext) -> str:
-    return builtin.resolve(ctx.spec.model.tokenizer or ctx.spec.model.base, ctx.spec.storage.root)
+    spec = ctx.spec
+    return builtin.resolve(stage_table.value_at(spec, stage_table.tokenizer_key(spec)), spec.storage.root)
+
+
+def stage_data(ctx: StageContext):
+    """The stage's data (as the stage table says), with `builtin:` sources resolved."""
+    _, cfg = stage_table.TABLE[ctx.stage].data(ctx.spec)
+    return builtin.resolve_sources(cfg, ctx.spec.storage.root)
 
 
 def _train(ctx: StageContext, model_uri: str, train: TrainConfig, plan, seq_len: int) -> StageResult:
@@ -93,7 +100,7 @@ def pretrain(ctx: StageContext) -> StageResult:
         model_uri = storage.join(ctx.uri, "work", "init")
         log.info(f"pretrain: detaching layers {cfg.layers} of {base_model(ctx)}")
         _remote(surgery.save_detached, base_model(ctx), tuple(cfg.layers), model_uri, overwrite=True)
-    data_cfg = builtin.resolve_sources(cfg.data, ctx.spec.storage.root)
+    data_cfg = stage_data(ctx)
     plan = data.plan_pretrain_stream(data_cfg, tokenizer_uri(ctx), world_size=ctx.spec.resources.num_workers)
     return _train(ctx, model_uri, cfg.train.model_copy(update={"method": "elo"}), plan, data_cfg.seq_len)
 
@@ -109,13 +116,9 @@ def merge(ctx: StageContext) -> StageResult:
 @_on_ray
 def align(ctx: StageContext) -> StageResult:
     """Brief full fine-tuning of the merged model on bilingual data."""
-    cfg = ctx.spec.align
-    data_cfg = cfg.data or ctx.spec.pretrain.data
-    if cfg.data is None and cfg.max_tokens:
-        data_cfg = data_cfg.model_copy(update={"max_tokens": cfg.max_tokens})
-    data_cfg = builtin.resolve_sources(data_cfg, ctx.spec.storage.root)
+    data_cfg = stage_data(ctx)  # align.data, or the pretrain data within align.max_tokens
     plan = data.plan_pretrain_stream(data_cfg, tokenizer_uri(ctx), world_size=ctx.spec.resources.num_workers)
-    return _train(ctx, ctx.input_model(), cfg.train, plan, data_cfg.seq_len)
+    return _train(ctx, ctx.input_model(), ctx.spec.align.train, plan, data_cfg.seq_len)
 
 
 @_on_ray
@@ -123,7 +126,7 @@ def instruct(ctx: StageContext) -> StageResult:
     """Chat vector (instruct - base, added to the aligned model), then instruction tuning."""
     cfg, spec = ctx.spec.instruct, ctx.spec
     model_uri = ctx.input_model()
-    if cfg.chat_vector.enabled and spec.model.instruct:
+    if stage_table.chat_vector_on(spec):
         out = storage.join(ctx.uri, "model" if not cfg.sft_enabled else "work/chat_vector")
         log.info(f"instruct: adding the chat vector {spec.model.instruct} - {base_model(ctx)}")
         _remote(
@@ -133,7 +136,7 @@ def instruct(ctx: StageContext) -> StageResult:
         model_uri = out
     if not cfg.sft_enabled:
         return StageResult(uris={"model": model_uri})
-    data_cfg = builtin.resolve_sources(cfg.data, spec.storage.root)
+    data_cfg = stage_data(ctx)
     plan = data.plan_chat_stream(data_cfg, tokenizer_uri(ctx), world_size=spec.resources.num_workers)
     return _train(ctx, model_uri, cfg.train, plan, data_cfg.seq_len)
 
@@ -158,8 +161,7 @@ def _perplexities(models: dict[str, str], heldout: dict[str, list[list[int]]], u
 def eval(ctx: StageContext) -> StageResult:  # noqa: A001 - the stage is called eval
     """Held-out perplexity per language for the base model and each stage's output."""
     spec = ctx.spec
-    data_cfg = builtin.resolve_sources(spec.pretrain.data, spec.storage.root)
-    heldout = data.heldout(data_cfg, tokenizer_uri(ctx))
+    heldout = data.heldout(stage_data(ctx), tokenizer_uri(ctx))  # the pretrain data's held-out documents
     heldout = {lang: docs[: spec.eval.max_docs] for lang, docs in heldout.items()}
     models = {"base": base_model(ctx), **{name: m.uris["model"] for name, m in ctx.inputs.items()}}
     task = ray.remote(num_cpus=1, num_gpus=1 if spec.resources.use_gpu else 0)(logs.in_workers(_perplexities))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from elo_ray import builtin, pipeline, storage
+from elo_ray import builtin, stage_table, storage
 from elo_ray.config import JobSpec
 
 
@@ -58,7 +58,7 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
     for key in ("tokenizer", "instruct"):
         uri = getattr(spec.model, key)
         if key == "tokenizer":
-            uri = uri or spec.model.base
+            uri = stage_table.value_at(spec, stage_table.tokenizer_key(spec))
         if uri is None:
             continue
         try:
@@ -106,12 +106,7 @@ def check_data(spec: JobSpec) -> list[str]:
     from elo_ray import data
 
     problems = []
-    sections = [("pretrain.data", spec.pretrain.data if spec.pretrain.enabled else None),
-                ("align.data", spec.align.data if spec.align.enabled else None),
-                ("instruct.data", spec.instruct.data if spec.instruct.enabled and spec.instruct.sft_enabled else None)]
-    for key, cfg in sections:
-        if cfg is None:
-            continue
+    for key, cfg in stage_table.data_sections(spec).items():
         try:
             resolved = builtin.resolve_sources(cfg, spec.storage.root)
         except ValueError as e:
@@ -123,7 +118,7 @@ def check_data(spec: JobSpec) -> list[str]:
 
 def validate(spec: JobSpec) -> Report:
     report = Report()
-    report.problems += pipeline.check_stage_plan(spec)
+    report.problems += stage_table.plan_problems(spec)
     report.problems += check_storage(spec)
     if report.problems and any(p.startswith("storage.root") for p in report.problems):
         return report  # model and data checks would only repeat the storage failure

@@ -142,7 +142,7 @@ def test_disabled_and_unknown_stages_are_errors(tmp_path):
         pipeline.run_pipeline(spec, "r1", Recorder().fns(), stages=["instruct"])
     with pytest.raises(pipeline.PipelineError, match=r"unknown stage\(s\) \['pretrian'\]"):
         pipeline.run_pipeline(spec, "r1", Recorder().fns(), stages=["pretrian"])
-    with pytest.raises(pipeline.PipelineError, match="merge needs pretrain"):
+    with pytest.raises(pipeline.PipelineError, match="merge.enabled: merge needs the output of pretrain; enable pretrain or disable merge"):
         pipeline.run_pipeline(make_spec(str(tmp_path), **{"pretrain.enabled": False}), "r1", Recorder().fns())
 
 
@@ -180,3 +180,98 @@ def test_storage_that_stops_answering_fails_with_stage_and_uri(tmp_path, monkeyp
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     assert manifest.read(storage.join(str(tmp_path), "r1", "pretrain")) is None
+
+
+# --------------------------------------------------------------------------- what invalidates a stage
+
+
+def full_spec(root, **changes):
+    """Every stage enabled: instruct adds the chat vector and tunes on chat data."""
+    return make_spec(root, **{
+        "model.instruct": "/models/instruct",
+        "instruct": {"enabled": True, "data": {"sources": [{"uri": "/d/chat.jsonl", "language": "en"}]}},
+        **changes,
+    })
+
+
+@pytest.mark.parametrize(("change", "reruns"), [
+    ({"resources.num_workers": 8, "resources.use_gpu": True, "resources.max_failures": 3}, []),
+    ({"eval.max_docs": 8}, ["eval"]),
+    ({"instruct.train": {"lr": 1e-5}}, ["instruct", "eval"]),
+    ({"instruct.chat_vector": {"scale": 0.5}}, ["instruct", "eval"]),
+    ({"model.instruct": "/models/instruct-v2"}, ["instruct", "eval"]),
+    ({"align.train": {"lr": 1e-5}}, ["align", "instruct", "eval"]),
+    ({"align.data": {"sources": [{"uri": "/d/align.jsonl", "language": "en"}]}}, ["align", "instruct", "eval"]),
+    ({"pretrain.train": {"lr": 1e-4}}, ["pretrain", "merge", "align", "instruct", "eval"]),
+    ({"pretrain.data.seq_len": 512}, ["pretrain", "merge", "align", "instruct", "eval"]),
+    ({"model.tokenizer": "/models/tokenizer"}, ["pretrain", "merge", "align", "instruct", "eval"]),
+    ({"model.base": "/models/base-v2"}, ["pretrain", "merge", "align", "instruct", "eval"]),
+], ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
+def test_a_change_reruns_the_stages_that_read_it_and_those_after(tmp_path, change, reruns):
+    root = str(tmp_path)
+    rec = Recorder()
+    pipeline.run_pipeline(full_spec(root), "r1", rec.fns())
+    assert rec.calls == ["pretrain", "merge", "align", "instruct", "eval"]
+    rec.calls.clear()
+    pipeline.run_pipeline(full_spec(root, **change), "r1", rec.fns(), overridden=True)
+    assert rec.calls == reruns
+
+
+def test_adding_the_chat_vector_afterwards_reruns_only_instruct_and_eval(tmp_path):
+    """The user story of issue 11: pretrain, merge and align are hours of 8 GPUs; keep them."""
+    root = str(tmp_path)
+    rec = Recorder()
+    sft_only = {"instruct": {"enabled": True, "data": {"sources": [{"uri": "/d/chat.jsonl", "language": "en"}]}}}
+    pipeline.run_pipeline(make_spec(root, **sft_only), "r1", rec.fns())
+    committed = {s: manifest.read(storage.join(root, "r1", s)).digest for s in ("pretrain", "merge", "align")}
+    rec.calls.clear()
+    pipeline.run_pipeline(make_spec(root, **sft_only, **{"model.instruct": "/models/instruct"}), "r1", rec.fns(),
+                          overridden=True)
+    assert rec.calls == ["instruct", "eval"]
+    assert {s: manifest.read(storage.join(root, "r1", s)).digest for s in committed} == committed
+
+
+def test_instruct_without_the_chat_vector_ignores_model_instruct(tmp_path):
+    root = str(tmp_path)
+    rec = Recorder()
+    off = {"instruct.chat_vector": {"enabled": False}}
+    pipeline.run_pipeline(full_spec(root, **off), "r1", rec.fns())
+    rec.calls.clear()
+    pipeline.run_pipeline(full_spec(root, **off, **{"model.instruct": "/models/other"}), "r1", rec.fns(), overridden=True)
+    assert rec.calls == []
+
+
+def test_align_with_its_own_data_does_not_read_the_pretrain_data(tmp_path):
+    """Seen on the hash: a pretrain.data change reruns pretrain, hence everything, anyway."""
+    own = {"align.data": {"sources": [{"uri": "/d/align.jsonl", "language": "en"}]}}
+    inputs = {"merge": "digest-of-merge"}
+    before = pipeline.config_hash(make_spec(str(tmp_path), **own), "align", inputs)
+    after = pipeline.config_hash(make_spec(str(tmp_path), **own, **{"pretrain.data.seq_len": 64}), "align", inputs)
+    assert before == after
+    reused = pipeline.config_hash(make_spec(str(tmp_path)), "align", inputs)
+    assert reused != pipeline.config_hash(make_spec(str(tmp_path), **{"pretrain.data.seq_len": 64}), "align", inputs)
+
+
+def test_instruct_takes_the_latest_model_and_eval_every_model(tmp_path):
+    from elo_ray import stage_table
+
+    spec = full_spec(str(tmp_path))
+    assert [stage_table.inputs(spec, s) for s in stage_table.ORDER] == [
+        [], ["pretrain"], ["merge"], ["align"], ["merge", "align", "instruct"]]
+    no_align = full_spec(str(tmp_path), **{"align.enabled": False})
+    assert stage_table.inputs(no_align, "instruct") == ["merge"]
+    assert stage_table.inputs(no_align, "eval") == ["merge", "instruct"]
+
+
+def test_stage_plan_names_the_missing_input_and_what_to_do(tmp_path):
+    from elo_ray import stage_table
+
+    spec = full_spec(str(tmp_path), **{"merge.enabled": False})
+    assert stage_table.plan_problems(spec) == [
+        "align.enabled: align needs the output of merge; enable merge or disable align"]
+    spec = full_spec(str(tmp_path), **{"merge.enabled": False, "align.enabled": False})
+    assert stage_table.plan_problems(spec) == [
+        "instruct.enabled: instruct needs the output of merge or align; enable merge or disable instruct"]
+    spec = full_spec(str(tmp_path), **{"instruct.sft_enabled": False, "model.instruct": None})
+    assert stage_table.plan_problems(spec) == [
+        "instruct: nothing to do; set model.instruct for the chat vector or enable sft"]
