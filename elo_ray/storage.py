@@ -99,12 +99,29 @@ def exists(uri: str) -> bool:
     return retrying("checking", uri, lambda: fs.exists(path))
 
 
-def listdir(uri: str) -> list[str]:
-    """Names (not paths) directly under `uri`; empty when it does not exist."""
+def location(uri: str) -> str:
+    """One spelling of the place `uri` names, so that two spellings of it compare equal: local
+    paths absolute with symlinks resolved (`file://` dropped), others `protocol://path` with no
+    trailing slash."""
     fs, path = filesystem(uri)
+    if is_local(fs):
+        return os.path.realpath(path)
+    return fs.unstrip_protocol(path.rstrip("/"))
+
+
+def listdir(uri: str, *, files_only: bool = False) -> list[str]:
+    """Names (not paths) directly under `uri` (with `files_only`, of files only); empty when it
+    does not exist. Object-store listings are read afresh, never from fsspec's listing cache."""
+    fs, path = filesystem(uri)
+    if not is_local(fs):
+        fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return sorted(
+        posixpath.basename(p["name"].rstrip("/"))
+        for p in fs.ls(path, detail=True)
+        if not files_only or p.get("type") != "directory"
+    )
 
 
 def read_bytes(uri: str) -> bytes:

@@ -5,6 +5,8 @@ rank 0 streams it into the output file and drops it before the next one, so no r
 than its shard plus one full tensor. The safetensors header is written first (names, dtypes and
 shapes are known up front), then the tensors' bytes in the same order; outputs above
 `max_shard_bytes` are split into `model-0000k-of-0000n.safetensors` with an index, as HF does.
+The files are staged beside `output_uri` and committed when complete, config.json last
+(`hf_checkpoint.CheckpointWriter`), so a failed export leaves the earlier output as it was.
 
 What is written: each tensor in the dtype the input checkpoint stored it in; LoRA adapters merged
 into their base weights (W + scale * B A); config.json (an ELO model keeps its `elo_layers`) and
@@ -13,11 +15,7 @@ generation config and tokenizer files copied from beside the input checkpoint.
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import math
-import os
-import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,14 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from elo_ray import storage
-from elo_ray.train.model import SafetensorsDir, checkpoint_name
+from elo_ray import hf_checkpoint, storage
+from elo_ray.hf_checkpoint import CheckpointReader, CheckpointWriter
+from elo_ray.train.errors import TrainingError
+from elo_ray.train.model import checkpoint_name, checkpoint_reader
 
 MAX_SHARD_BYTES = 5 * 2**30
-_DTYPES = {
-    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-    torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
-}
 
 
 @dataclass
@@ -61,7 +57,7 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def entries(model: nn.Module, source: SafetensorsDir) -> list[Entry]:
+def entries(model: nn.Module, source: CheckpointReader) -> list[Entry]:
     """The output tensors in a deterministic order (the same on every rank)."""
     lora = _lora_layers(model)
     out = []
@@ -86,17 +82,6 @@ def entries(model: nn.Module, source: SafetensorsDir) -> list[Entry]:
     return out
 
 
-def _header(group: list[Entry]) -> bytes:
-    header, offset = {}, 0
-    for e in group:
-        header[e.name] = {"dtype": _DTYPES[e.dtype], "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]}
-        offset += e.nbytes
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def _groups(items: list[Entry], max_bytes: int) -> list[list[Entry]]:
     groups, size = [[]], 0
     for e in items:
@@ -110,49 +95,55 @@ def _groups(items: list[Entry], max_bytes: int) -> list[list[Entry]]:
 
 @torch.no_grad()
 def export(model: nn.Module, model_dir: str, output_uri: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Write `model` as a HF checkpoint at `output_uri`; collective, rank 0 writes. Returns the
-    safetensors file names."""
+    """Write `model` as a HF checkpoint at `output_uri`, replacing what is there; collective,
+    rank 0 writes. Returns the safetensors file names."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    groups = _groups(entries(model, SafetensorsDir(model_dir)), max_shard_bytes)
-    names = (
-        ["model.safetensors"] if len(groups) == 1
-        else [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
-    )
-    fs, root = storage.filesystem(output_uri)
-    if rank == 0:
-        fs.makedirs(root, exist_ok=True)
-        # A re-export first removes what marks a checkpoint (config.json goes back last), so
-        # that a half-rewritten directory never looks like a finished one.
-        for old in fs.ls(root, detail=False) if fs.exists(root) else []:
-            base = old.rstrip("/").rsplit("/", 1)[-1]
-            if base == "config.json" or (base.startswith("model") and ".safetensors" in base):
-                fs.rm(old)
-    for name, group in zip(names, groups):
-        f = fs.open(f"{root}/{name}", "wb") if rank == 0 else None
-        try:
-            if f:
-                f.write(_header(group))
-            for e in group:
-                tensor = e.full().to(e.dtype).contiguous().cpu()
+    with checkpoint_reader(model_dir) as source:
+        groups = _groups(entries(model, source), max_shard_bytes)
+        side = hf_checkpoint.side_files(source.files)
+    names = hf_checkpoint.shard_file_names(len(groups))
+    output = _open_output(output_uri, model_dir, rank)
+    try:
+        for name, group in zip(names, groups):
+            f = output.open(name) if output else None
+            try:
                 if f:
-                    f.write(tensor.view(torch.uint8).numpy().tobytes())
-                del tensor
-        finally:
-            if f:
-                f.close()
-    if rank == 0:
-        if len(groups) > 1:
-            index = {
-                "metadata": {"total_size": sum(e.nbytes for g in groups for e in g)},
-                "weight_map": {e.name: n for n, g in zip(names, groups) for e in g},
-            }
-            storage.write_text(storage.join(output_uri, "model.safetensors.index.json"), json.dumps(index, indent=2))
-        from elo_ray.surgery import SIDE_FILES  # tokenizer and generation files, as surgery copies them
-
-        side = sorted(n for n in os.listdir(model_dir) if any(fnmatch.fnmatch(n, p) for p in SIDE_FILES))
-        for file in side + ["config.json"]:  # config.json last: it marks a finished checkpoint
-            with open(os.path.join(model_dir, file), "rb") as src:
-                storage.write_bytes(storage.join(output_uri, file), src.read())
+                    f.write(hf_checkpoint.safetensors_header([(e.name, e.dtype, e.shape) for e in group]))
+                for e in group:
+                    tensor = e.full().to(e.dtype).contiguous().cpu()
+                    if f:
+                        f.write(hf_checkpoint.tensor_bytes(tensor))
+                    del tensor
+            finally:
+                if f:
+                    f.close()
+        if output:
+            if len(groups) > 1:
+                weight_map = {e.name: n for n, g in zip(names, groups) for e in g}
+                total = sum(e.nbytes for g in groups for e in g)
+                output.write_bytes(hf_checkpoint.INDEX_NAME, hf_checkpoint.index_json(weight_map, total))
+            output.copy_side_files(model_dir, side)
+            output.copy_in(storage.join(model_dir, hf_checkpoint.CONFIG_NAME), hf_checkpoint.CONFIG_NAME)
+            output.commit()
+    finally:
+        if output:
+            output.abort()  # nothing when committed
     if dist.is_initialized():
         dist.barrier()
     return names
+
+
+def _open_output(output_uri: str, model_dir: str, rank: int) -> CheckpointWriter | None:
+    """Rank 0's writer. An output rank 0 cannot use stops every rank alike: a TrainingError on
+    rank 0 alone would leave the others waiting for it in the first gather."""
+    output, problem = None, [None]
+    if rank == 0:
+        try:
+            output = CheckpointWriter(output_uri, overwrite=True, inputs=[model_dir])
+        except hf_checkpoint.CheckpointError as e:
+            problem = [str(e)]
+    if dist.is_initialized():
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise TrainingError(problem[0])
+    return output

@@ -29,6 +29,7 @@ from torch import nn
 
 from elo_ray import storage
 from elo_ray.config import TrainConfig
+from elo_ray.hf_checkpoint import CheckpointError, CheckpointReader
 from elo_ray.train.errors import TrainingError
 
 PEFT_PREFIX = "base_model.model."
@@ -179,46 +180,15 @@ def shard(model: nn.Module, mesh, mp_policy) -> None:
     fully_shard(model, **kwargs)
 
 
-_SAFETENSORS_DTYPES = {
-    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-class SafetensorsDir:
-    """Tensors of a HF safetensors checkpoint, read lazily (rows at a time) from mmap'd files."""
-
-    def __init__(self, model_dir: str):
-        from safetensors import safe_open
-
-        index = os.path.join(model_dir, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        elif os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-            weight_map = None
-        else:
-            raise TrainingError(f"{model_dir} has no model.safetensors or model.safetensors.index.json")
-        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self._files = {name: safe_open(os.path.join(model_dir, name), framework="pt") for name in files}
-        self._where = weight_map or {k: "model.safetensors" for k in self._files["model.safetensors"].keys()}
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def dtype(self, name: str) -> torch.dtype:
-        code = self._files[self._where[name]].get_slice(name).get_dtype()
-        return _SAFETENSORS_DTYPES[code]
-
-    def shape(self, name: str) -> list[int]:
-        return list(self._files[self._where[name]].get_slice(name).get_shape())
-
-    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        piece = self._files[self._where[name]].get_slice(name)
-        return piece[start:end] if piece.get_shape() else piece[:]
+@contextlib.contextmanager
+def checkpoint_reader(model_dir: str):
+    """The checkpoint's tensors (`hf_checkpoint.CheckpointReader`); what it cannot read is a
+    TrainingError, which no retry of the worker would fix."""
+    try:
+        with CheckpointReader(model_dir) as reader:
+            yield reader
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from e
 
 
 def local_rows(param: torch.Tensor) -> tuple[int, int]:
@@ -250,22 +220,21 @@ def materialise(model: nn.Module, model_dir: str, device: torch.device, seed: in
     model.to_empty(device=device)
     for name, buf in model.named_buffers():
         buf.copy_(buffers[name])
-    source = SafetensorsDir(model_dir)
-    available = set(source.names())
-    for name, param in model.named_parameters():
-        local = param.to_local() if hasattr(param, "to_local") else param
-        start, end = local_rows(param)
-        key = checkpoint_name(name)
-        if key is None:
-            local.copy_(_lora_init(name, param.shape, seed)[start:end])
-            continue
-        if key not in available:
-            raise TrainingError(f"{model_dir}: checkpoint has no tensor {key!r} that the model needs")
-        if source.shape(key) != list(param.shape):
-            raise TrainingError(
-                f"{model_dir}: tensor {key!r} has shape {source.shape(key)}, the model expects {list(param.shape)}"
-            )
-        local.copy_(source.rows(key, start, end))
+    with checkpoint_reader(model_dir) as source:
+        for name, param in model.named_parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            start, end = local_rows(param)
+            key = checkpoint_name(name)
+            if key is None:
+                local.copy_(_lora_init(name, param.shape, seed)[start:end])
+                continue
+            if key not in source:
+                raise TrainingError(f"{model_dir}: checkpoint has no tensor {key!r} that the model needs")
+            if source.shape(key) != list(param.shape):
+                raise TrainingError(
+                    f"{model_dir}: tensor {key!r} has shape {source.shape(key)}, the model expects {list(param.shape)}"
+                )
+            local.copy_(source.rows(key, start, end))
 
 
 @dataclass

@@ -85,7 +85,7 @@ def run_training(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if _location(output_uri) == _location(model_uri):
+    if storage.location(output_uri) == storage.location(model_uri):
         raise TrainingError(f"output_uri {output_uri} is the input checkpoint; export the trained model elsewhere")
     config = model_config(model_uri)
     model_lib.check_fits(config, train.method, seq_len, train.micro_batch_size)
@@ -134,12 +134,6 @@ def run_training(
         metrics_uri=storage.join(run_uri, METRICS_FILE),
         checkpoint_uri=_uri_of(result.checkpoint, storage_uri),
     )
-
-
-def _location(uri: str) -> str:
-    if storage.has_scheme(uri):
-        return uri.rstrip("/")
-    return os.path.realpath(uri.removeprefix("file://"))
 
 
 def _uri_of(checkpoint, storage_uri: str) -> str | None:
