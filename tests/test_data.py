@@ -15,7 +15,7 @@ import pytest
 
 from elo_ray import data, storage
 from elo_ray.config import ChatDataConfig, DataConfig, SourceConfig
-from elo_ray.data.stream import quotas
+from elo_ray.data.budget import quotas
 
 EN = "The quick brown fox jumps over the lazy dog . A model learns a new language from mixed text".split()
 KO = "빠른 갈색 여우가 게으른 개를 뛰어넘는다 . 모델은 섞인 텍스트로 새로운 언어를 배운다".split()
@@ -262,7 +262,8 @@ def test_repeat_rereads_the_short_language_to_keep_budget_and_ratio(ray_local, t
 
 
 def test_byte_range_units_read_every_line_exactly_once(tmp_path):
-    from elo_ray.data.sources import Counts, list_files, make_units, read_documents
+    from elo_ray.data.documents import Counts, read_documents
+    from elo_ray.data.sources import list_files, make_units
 
     rng = random.Random(6)
     docs = [en_doc(rng, i)[: rng.randint(1, 3000)] for i in range(300)]
@@ -459,3 +460,84 @@ def test_text_format_is_refused_for_chat(tmp_path):
     path = write_jsonl(tmp_path / "c.txt", ["hello"])
     cfg = ChatDataConfig(sources=[SourceConfig(uri=path, language="en", format="text")])
     assert data.validate_sources(cfg) == [f"{path}: chat data must be jsonl or parquet rows with a 'messages' list, not text"]
+
+
+# --------------------------------------------------------------------------- what a source must be (checked before Ray)
+
+
+def test_records_without_the_text_field_stop_a_plan_naming_the_keys(tmp_path, tiny_tokenizer):
+    rng = random.Random(8)
+    path = write_jsonl(tmp_path / "en.jsonl", ({"id": i, "body": en_doc(rng, i)} for i in range(20)))
+    cfg = DataConfig(sources=[SourceConfig(uri=path, language="en")], seq_len=SEQ, heldout_docs=0)
+    with pytest.raises(data.DataError) as e:
+        data.plan_pretrain_stream(cfg, tiny_tokenizer, world_size=1)
+    assert str(e.value) == f"{path}: records have keys ['body', 'id'], not 'text' (first 20 records); set text_field: body"
+
+
+def test_records_without_the_text_field_on_s3_stop_a_plan_naming_the_keys(s3_bucket, tiny_tokenizer):
+    uri = f"{s3_bucket}/chat/en.jsonl"
+    storage.write_text(uri, "".join(json.dumps({"conversation": [{"role": "user", "content": "hi"}]}) + "\n"
+                                    for _ in range(3)))
+    cfg = ChatDataConfig(sources=[SourceConfig(uri=uri, language="en")], seq_len=CHAT_SEQ)
+    with pytest.raises(data.DataError) as e:
+        data.plan_chat_stream(cfg, tiny_tokenizer, world_size=1)
+    assert str(e.value) == f"{uri}: records have keys ['conversation'], not 'messages' (first 3 records); set text_field: conversation"
+
+
+def test_seq_len_longer_than_a_language_holds_says_to_lower_it(ray_local, tmp_path, tiny_tokenizer):
+    rng = random.Random(9)
+    path = write_jsonl(tmp_path / "en.jsonl", ({"text": en_doc(rng, i)} for i in range(20)))
+    cfg = DataConfig(sources=[SourceConfig(uri=path, language="en")], seq_len=10_000_000, heldout_docs=0)
+    with pytest.raises(data.DataError, match=rf"^language 'en' has [\d,]+ tokens in 20 documents \(sources: {path}\), "
+                                             rf"fewer than one sequence of seq_len 10000000; lower seq_len \(at most the "
+                                             rf"model's max_position_embeddings\) or add en data$"):
+        data.plan_pretrain_stream(cfg, tiny_tokenizer, world_size=1)
+
+
+def test_a_text_source_holding_json_lines_is_named(tmp_path):
+    path = write_jsonl(tmp_path / "en.txt", [{"text": "one"}, {"text": "two"}])
+    cfg = DataConfig(sources=[SourceConfig(uri=path, language="en", format="text")])
+    assert data.validate_sources(cfg) == [f"{path}: every line of its first 2 is a JSON object (keys ['text']); for "
+                                          f"JSON lines set format: jsonl and text_field to the key holding the text"]
+
+
+def test_a_compressed_file_must_be_named_for_its_codec(tmp_path):
+    import gzip
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "plain.jsonl.gz").write_text(json.dumps({"text": "one"}) + "\n")
+    (tmp_path / "a" / "zipped.jsonl").write_bytes(gzip.compress(json.dumps({"text": "two"}).encode() + b"\n"))
+    cfg = DataConfig(sources=[SourceConfig(uri=str(tmp_path / "a"), language="en")])
+    assert data.validate_sources(cfg) == [
+        f"{tmp_path / 'a' / 'plain.jsonl.gz'}: its name ends in .gz but it is not compressed; rename the file to what it holds",
+        f"{tmp_path / 'a' / 'zipped.jsonl'}: is gzip-compressed, but its name does not say so; add .gz to its name so "
+        f"that it is decompressed",
+    ]
+
+
+def test_a_zstd_source_is_sampled_decompressed(tmp_path):
+    import zstandard
+
+    path = tmp_path / "en.jsonl.zst"
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"".join(json.dumps({"body": f"doc {i}"}).encode() + b"\n"
+                                                                  for i in range(4))))
+    cfg = DataConfig(sources=[SourceConfig(uri=str(path), language="en")])
+    assert data.validate_sources(cfg) == [f"{path}: records have keys ['body'], not 'text' (first 4 records); "
+                                          f"set text_field: body"]
+
+
+def test_a_parquet_text_column_must_hold_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2], "body": ["a", "b"]}), tmp_path / "x.parquet")
+    cfg = DataConfig(sources=[SourceConfig(uri=str(tmp_path / "x.parquet"), language="en", format="parquet")])
+    assert data.validate_sources(cfg) == [f"{tmp_path / 'x.parquet'}: parquet column 'text' holds int64, not text; "
+                                          f"set text_field: body"]
+
+
+def test_chat_messages_of_the_wrong_shape_are_named_with_their_line(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": "hello"}])
+    cfg = ChatDataConfig(sources=[SourceConfig(uri=path, language="en")])
+    assert data.validate_sources(cfg) == [f"{path}:2: 'messages' must be a list of {{role, content}} string pairs; fix "
+                                          f"the record, or set on_bad_record: skip to skip and count such records"]

@@ -25,26 +25,32 @@ datasets with each rank keeping every world_size-th row, was rejected: every ran
 read and tokenize the whole corpus (world_size times the work, 8x on one 8-GPU node).
 
 Budget. Quotas per worker come from `max_tokens` x share, or, with `epochs`, from the scarcest
-language (tokens / share) times epochs; a counting pass before training (`stream.py`) makes
-them exact. `on_exhausted: stop` (default) cuts the budget to what the scarcest language
-holds, so no document is trained twice and the ratio stays as asked; the cut is reported.
-`repeat` re-reads the short language instead (epochs > 1 always repeats).
+language (tokens / share) times epochs; a counting pass before training makes them exact
+(`budget.py`).
+
+Modules, each importing only those above it:
+  sources.py     URIs -> sorted files -> read units (DataError)
+  documents.py   units -> documents; StreamKind (pretrain or chat); Counts of what was skipped
+  checks.py      before any GPU: every file is what its format says, a sample of each source parses
+  tokens.py      the tokenizer: documents -> ids -> packed sequences; chat -> ids and labels
+  budget.py      sequences per language per worker
+  datasource.py  the Ray Data read tasks: count a unit, or read its sequences in blocks
+  reader.py      inside each Ray Train worker: mix the shards by ratio into micro-batches
+  plan.py        the driver's steps: check, units, held-out, count, budget, datasets -> StreamPlan
 """
 
+from elo_ray.data.checks import check_seq_len, validate_sources
+from elo_ray.data.documents import StreamKind
+from elo_ray.data.plan import StreamPlan, heldout, plan_chat_stream, plan_pretrain_stream
 from elo_ray.data.reader import StreamReader, mix_order
 from elo_ray.data.sources import DataError
-from elo_ray.data.stream import (
-    StreamPlan,
-    heldout,
-    plan_chat_stream,
-    plan_pretrain_stream,
-    validate_sources,
-)
 
 __all__ = [
     "DataError",
+    "StreamKind",
     "StreamPlan",
     "StreamReader",
+    "check_seq_len",
     "heldout",
     "mix_order",
     "plan_chat_stream",

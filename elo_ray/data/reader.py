@@ -14,9 +14,11 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
+
+from elo_ray.data.documents import StreamKind
 
 log = logging.getLogger(__name__)
 SHUFFLE_WINDOW = 256  # sequences per language held back and drawn at random (seeded)
@@ -36,17 +38,26 @@ def mix_order(quotas: dict[str, int]) -> Iterator[str]:
         yield best
 
 
+class Row(NamedTuple):
+    """One sequence of a language's shard."""
+
+    input_ids: np.ndarray  # [seq_len]
+    labels: np.ndarray | None  # [seq_len], -100 where no loss (chat); None: the input_ids (pretrain)
+    tokens: int  # tokens trained: seq_len (pretrain), the example's length (chat)
+    dropped: int  # tokens of the unit's tail, accounted on its last row (pretrain)
+
+
 class _Rows:
     """One language's shard as a stream of rows, through a seeded shuffle window."""
 
     def __init__(self, shard, lang_index: int, seed: int, repeat: bool, window: int):
         self.shard, self.repeat, self.window = shard, repeat, window
         self.rng = np.random.default_rng([seed, lang_index])
-        self.buf: list[tuple] = []
+        self.buf: list[Row] = []
         self.source = self._rows()
         self.exhausted = False
 
-    def _rows(self) -> Iterator[tuple]:
+    def _rows(self) -> Iterator[Row]:
         while True:
             n = 0
             for batch in self.shard.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=1):
@@ -57,14 +68,14 @@ class _Rows:
                 tokens = batch.get("tokens")
                 dropped = batch.get("dropped")
                 for i in range(len(ids)):
-                    yield (ids[i], None if labels is None else labels[i],
-                           ids.shape[1] if tokens is None else int(tokens[i]),
-                           0 if dropped is None else int(dropped[i]))
+                    yield Row(ids[i], None if labels is None else labels[i],
+                              ids.shape[1] if tokens is None else int(tokens[i]),
+                              0 if dropped is None else int(dropped[i]))
                 n += len(ids)
             if not self.repeat or n == 0:
                 return
 
-    def next(self) -> tuple | None:
+    def next(self) -> Row | None:
         while not self.exhausted and len(self.buf) < self.window:
             row = next(self.source, None)
             if row is None:
@@ -87,7 +98,7 @@ class StreamReader:
     benchmarks), `StreamPlan.local_readers()` binds readers to the same shards.
     """
 
-    kind: str  # "pretrain" or "chat"
+    kind: StreamKind
     datasets: dict[str, str]  # language -> dataset name in StreamPlan.datasets
     quotas: dict[str, int]  # sequences of each language per worker
     shares: dict[str, float]  # asked share of each language
@@ -146,21 +157,21 @@ class StreamReader:
                     return
                 seen = self._seen[lang]
                 seen["sequences"] += 1
-                seen["trained"] += row[2]
-                seen["dropped"] += row[3]
-                seen["read"] += row[2] + row[3]
+                seen["trained"] += row.tokens
+                seen["dropped"] += row.dropped
+                seen["read"] += row.tokens + row.dropped
                 picked.append((lang, row))
             self._seen_batches = b + 1
             if b < skip:
                 continue
-            input_ids = torch.from_numpy(np.stack([r[0] for _, r in picked])).long()
-            if self.kind == "chat":
-                labels = torch.from_numpy(np.stack([r[1] for _, r in picked])).long()
+            input_ids = torch.from_numpy(np.stack([r.input_ids for _, r in picked])).long()
+            if self.kind is StreamKind.CHAT:
+                labels = torch.from_numpy(np.stack([r.labels for _, r in picked])).long()
             else:
                 labels = input_ids.clone()
             tokens = Counter()
             for lang, r in picked:
-                tokens[lang] += r[2]
+                tokens[lang] += r.tokens
             yield {"input_ids": input_ids, "labels": labels, "tokens": dict(tokens)}
             now = time.monotonic()
             if now - last_log > _LOG_EVERY_S and self._rank() == 0:
@@ -187,7 +198,7 @@ class StreamReader:
             "micro_batches": getattr(self, "_seen_batches", 0),
             "tokens_per_s": total / elapsed if elapsed > 0 else 0.0,
         }
-        if self.kind == "pretrain":
+        if self.kind is StreamKind.PRETRAIN:
             out["tokens"] = out["sequences"] * self.seq_len
         return out
 

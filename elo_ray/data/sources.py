@@ -1,4 +1,4 @@
-"""Corpus sources: URIs -> files -> read units -> documents, with errors that name the file.
+"""Corpus sources: URIs -> files -> read units, with errors that name the file.
 
 A source (`SourceConfig`) is a local path, directory, glob or s3:// / gs:// URI, read through
 fsspec (`elo_ray.storage`). Its files are listed in sorted order and cut into *read units*:
@@ -6,26 +6,20 @@ byte ranges of uncompressed jsonl/text files (a unit owns the lines that begin i
 row ranges of parquet row groups, or whole compressed files (.gz, .zst, ...: not seekable).
 Units are sized from the corpus and `seq_len` only, never from the cluster, so the same spec
 cuts the same units everywhere (determinism) while a big file still tokenizes in parallel.
-
-Reading a unit yields documents and counts what it skipped: rows without the text field or
-with empty text (`no_text`), malformed JSON lines (`bad_records`, an error naming file and
-line unless `on_bad_record='skip'`), lines that were not valid UTF-8 (`non_utf8`, decoded with
-U+FFFD replacement and kept).
+What a unit holds is read by `documents.py`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import posixpath
 from dataclasses import dataclass
-from typing import Iterator
 
 from elo_ray import storage
 from elo_ray.config import SourceConfig
 
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")  # fsspec infers the codec from the suffix
-_CHUNK = 1 << 20  # bytes per read call
+MAX_UNIT_BYTES = 64 << 20
+UNITS_PER_LANGUAGE = 256  # enough read tasks to keep a large cluster busy
 _GLOB_CHARS = "*?["
 
 
@@ -97,41 +91,26 @@ def list_files(src: SourceConfig) -> list[SourceFile]:
     return [SourceFile(_display(src.uri, fs, p), int(files[p].get("size") or 0)) for p in sorted(files)]
 
 
-def _check_file(src: SourceConfig, f: SourceFile) -> str | None:
-    """Open the file the way reading will; None when fine, else a problem line."""
-    fs, path = storage.filesystem(f.uri)
-    try:
-        if src.format == "parquet":
-            import pyarrow.parquet as pq
-
-            with fs.open(path, "rb") as fh:
-                schema = pq.ParquetFile(fh).schema_arrow
-            if src.text_field not in schema.names:
-                return (f"{f.uri}: parquet file has no column {src.text_field!r} (columns: "
-                        f"{', '.join(schema.names)}); set text_field to the column holding the text")
-        else:
-            with fs.open(path, "rb", compression="infer") as fh:
-                fh.read(1)
-    except Exception as e:  # noqa: BLE001 - any failure to open is the user's to see
-        kind = "not a readable parquet file" if src.format == "parquet" else "cannot be read"
-        return f"{f.uri}: {kind}: {type(e).__name__}: {e}"
-    return None
-
-
-def validate_source(src: SourceConfig, *, chat: bool = False) -> list[str]:
-    """Problems of one source, each naming its URI; [] when every file opens."""
-    if chat and src.format == "text":
-        return [f"{src.uri}: chat data must be jsonl or parquet rows with a {src.text_field!r} list, not text"]
-    try:
-        files = list_files(src)
-    except DataError as e:
-        return [str(e)]
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:  # object stores: one round trip per file
-        found = list(pool.map(lambda f: _check_file(src, f), files))
-    return [p for p in found if p]
-
-
 # --------------------------------------------------------------------------- read units
+
+
+def unit_bytes(language_bytes: int, seq_len: int) -> int:
+    """Bytes per read unit: large enough that one tail (< seq_len tokens) per unit stays a small
+    fraction (about 1000 sequences' worth of text at >= 1 byte per token), small enough for
+    parallelism. Depends on the corpus and seq_len only, so units are the same on any cluster."""
+    low = 1000 * seq_len
+    return int(min(MAX_UNIT_BYTES, max(low, language_bytes // UNITS_PER_LANGUAGE)))
+
+
+def units_by_language(sources: list[SourceConfig], seq_len: int) -> dict[str, list[Unit]]:
+    """Every source's files cut into units, per language (sorted), in source and file order."""
+    files = [(src, list_files(src)) for src in sources]
+    out: dict[str, list[Unit]] = {}
+    for lang in sorted({s.language for s in sources}):
+        mine = [(src, fs) for src, fs in files if src.language == lang]
+        size = unit_bytes(sum(f.size for _, fs in mine for f in fs), seq_len)
+        out[lang] = [u for src, fs in mine for u in make_units(lang, src, fs, size)]
+    return out
 
 
 def make_units(language: str, src: SourceConfig, files: list[SourceFile], unit_bytes: int) -> list[Unit]:
@@ -166,142 +145,3 @@ def _parquet_units(language: str, src: SourceConfig, f: SourceFile, unit_bytes: 
         cuts = [g.num_rows * i // n for i in range(n + 1)]
         units += [Unit(language, src, f.uri, a, b, rg, est_bytes=g.total_byte_size // n) for a, b in zip(cuts, cuts[1:])]
     return units
-
-
-# --------------------------------------------------------------------------- documents
-
-
-class Counts(dict):
-    """Per-unit counters: docs, no_text, bad_records, non_utf8 (and what the tokenizer adds)."""
-
-    def __missing__(self, key):
-        return 0
-
-
-def read_documents(unit: Unit, counts: Counts, on_bad_record: str, chat: bool = False) -> Iterator[object]:
-    """The documents of `unit` (str, or a messages list when `chat`), counting what it skips."""
-    if unit.source.format == "parquet":
-        yield from _parquet_documents(unit, counts, on_bad_record, chat)
-        return
-    for offset, raw in _lines(unit):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            line = raw.decode("utf-8", errors="replace")
-            counts["non_utf8"] += 1
-        line = line.rstrip("\r")
-        if unit.source.format == "text":
-            if line.strip():
-                counts["docs"] += 1
-                yield line
-            else:
-                counts["no_text"] += 1
-            continue
-        if not line.strip():
-            continue  # blank lines are not records (a trailing newline, a spacer)
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError(f"a JSON {type(row).__name__}, not an object")
-        except ValueError as e:
-            counts["bad_records"] += 1
-            if on_bad_record == "skip":
-                continue
-            what = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
-            raise DataError(
-                f"{unit.uri}:{_line_number(unit.uri, offset)}: malformed JSON line ({what}); fix or remove "
-                f"the line, or set on_bad_record: skip to skip and count such lines"
-            ) from None
-        doc = _document(row.get(unit.source.text_field), counts, chat, unit, offset, on_bad_record)
-        if doc is not None:
-            yield doc
-
-
-def _document(value, counts: Counts, chat: bool, unit: Unit, where, on_bad_record: str):
-    if chat:
-        if value is None or value == []:
-            counts["no_text"] += 1
-            return None
-        if not (isinstance(value, list) and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-        )):
-            counts["bad_records"] += 1
-            if on_bad_record == "skip":
-                return None
-            at = f"{unit.uri}:{_line_number(unit.uri, where)}" if isinstance(where, int) else f"{unit.uri} ({where})"
-            raise DataError(
-                f"{at}: {unit.source.text_field!r} must be a list of {{role, content}} string pairs; fix the "
-                f"record, or set on_bad_record: skip to skip and count such records"
-            )
-        counts["docs"] += 1
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError:
-            value = value.decode("utf-8", errors="replace")
-            counts["non_utf8"] += 1
-    if not isinstance(value, str) or not value.strip():
-        counts["no_text"] += 1
-        return None
-    counts["docs"] += 1
-    return value
-
-
-def _parquet_documents(unit: Unit, counts: Counts, on_bad_record: str, chat: bool) -> Iterator[object]:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.filesystem(unit.uri)
-    with fs.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        if unit.source.text_field not in pf.schema_arrow.names:
-            raise DataError(f"{unit.uri}: parquet file has no column {unit.source.text_field!r}; set text_field")
-        table = pf.read_row_group(unit.row_group, columns=[unit.source.text_field])
-    values = table.column(0).slice(unit.start, unit.end - unit.start).to_pylist()
-    for i, value in enumerate(values):
-        where = f"row group {unit.row_group}, row {unit.start + i}"
-        doc = _document(value, counts, chat, unit, where, on_bad_record)
-        if doc is not None:
-            yield doc
-
-
-def _lines(unit: Unit) -> Iterator[tuple[int, bytes]]:
-    """(byte offset, line without its newline) for the lines that begin in [start, end)."""
-    fs, path = storage.filesystem(unit.uri)
-    compressed = unit.uri.endswith(COMPRESSED)
-    with fs.open(path, "rb", compression="infer" if compressed else None) as f:
-        pos, skip_partial = unit.start, unit.start > 0
-        if skip_partial:  # the line holding byte start-1 belongs to the previous unit
-            f.seek(unit.start - 1)
-            pos = unit.start - 1
-        buf = b""
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            lines = (buf + chunk).split(b"\n")
-            buf = lines.pop()
-            for line in lines:
-                if skip_partial:
-                    skip_partial = False
-                elif unit.end is not None and pos >= unit.end:
-                    return
-                else:
-                    yield pos, line
-                pos += len(line) + 1
-        if buf and not skip_partial and (unit.end is None or pos < unit.end):
-            yield pos, buf
-
-
-def _line_number(uri: str, offset: int) -> int:
-    """1-based line number of the line starting at byte `offset` (only computed on errors)."""
-    fs, path = storage.filesystem(uri)
-    n, seen = 1, 0
-    with fs.open(path, "rb", compression="infer" if uri.endswith(COMPRESSED) else None) as f:
-        while seen < offset:
-            chunk = f.read(min(_CHUNK, offset - seen))
-            if not chunk:
-                break
-            n += chunk.count(b"\n")
-            seen += len(chunk)
-    return n
