@@ -102,11 +102,15 @@ def check_warm_start(spec: JobSpec, layers: tuple[int, ...]) -> list[str]:
     return []
 
 
-def check_data(spec: JobSpec) -> list[str]:
+def check_data(spec: JobSpec, config=None) -> list[str]:
+    """Every data section: its sources read and a sample of each parses; its seq_len fits `config`
+    (the base model's config, when it could be read)."""
     from elo_ray import data
 
     problems = []
+    max_positions = getattr(config, "max_position_embeddings", None)
     for key, cfg in stage_table.data_sections(spec).items():
+        problems += [f"{key}: {p}" for p in data.check_seq_len(cfg.seq_len, max_positions)]
         try:
             resolved = builtin.resolve_sources(cfg, spec.storage.root)
         except ValueError as e:
@@ -124,7 +128,7 @@ def validate(spec: JobSpec) -> Report:
         return report  # model and data checks would only repeat the storage failure
     model_problems, config = check_model(spec)
     report.problems += model_problems
-    report.problems += check_data(spec)
+    report.problems += check_data(spec, config)
     if config is not None:
         from elo_ray.capacity import GPUS, memory_warnings
 

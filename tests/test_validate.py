@@ -136,3 +136,59 @@ def test_warm_start_must_hold_the_same_layers(workspace):
     assert problems(workspace, **{"pretrain.init_from": elo, "pretrain.layers": [0, 2]}) == []
     [line] = problems(workspace, **{"pretrain.init_from": elo})
     assert line.startswith(f"pretrain.init_from: {elo} holds ELO layers [0, 2], the spec detaches [0, 3]")
+
+
+# --------------------------------------------------------------------------- data read before any GPU
+
+
+def one_source(workspace: Path, name: str, lines: list[str], **source) -> list[str]:
+    """validate's problems when English is the file `name` holding `lines`."""
+    path = workspace / name
+    path.write_text("\n".join(lines) + "\n")
+    return problems(workspace, **{"pretrain.data.sources": [
+        {"uri": str(path), "language": "en", **source}, {"uri": str(workspace / "ko.jsonl"), "language": "ko"}]})
+
+
+def test_records_without_the_text_field_name_the_keys_they_have(workspace):
+    lines = [json.dumps({"id": i, "body": f"A document {i}."}) for i in range(30)]
+    [line] = one_source(workspace, "body.jsonl", lines)
+    assert line == (f"pretrain.data: {workspace / 'body.jsonl'}: records have keys ['body', 'id'], not 'text' "
+                    "(first 30 records); set text_field: body")
+    assert one_source(workspace, "body.jsonl", lines, text_field="body") == []
+
+
+def test_malformed_first_json_line_is_named_with_its_line(workspace):
+    lines = ['{"text": "cut off'] + [json.dumps({"text": f"A document {i}."}) for i in range(5)]
+    [line] = one_source(workspace, "cut.jsonl", lines)
+    assert line == (f"pretrain.data: {workspace / 'cut.jsonl'}:1: malformed JSON line (Unterminated string starting "
+                    "at); fix or remove the line, or set on_bad_record: skip to skip and count such lines")
+    assert problems(workspace, **{"pretrain.data.on_bad_record": "skip", "pretrain.data.sources": [
+        {"uri": str(workspace / "cut.jsonl"), "language": "en"}]}) == []
+
+
+def test_parquet_file_in_a_jsonl_source_is_named(workspace):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (workspace / "mixed").mkdir()
+    (workspace / "mixed" / "a.jsonl").write_text(json.dumps({"text": "A document."}) + "\n")
+    pq.write_table(pa.table({"text": ["A document."]}), workspace / "mixed" / "b.jsonl")
+    [line] = problems(workspace, **{"pretrain.data.sources": [{"uri": str(workspace / "mixed"), "language": "en"}]})
+    assert line == (f"pretrain.data: {workspace / 'mixed' / 'b.jsonl'}: is a parquet file, but the source's format "
+                    "is jsonl; set format: parquet")
+
+
+def test_seq_len_beyond_the_models_positions(workspace):
+    [line] = problems(workspace, **{"pretrain.data.seq_len": 10_000_000})
+    assert line == ("pretrain.data: seq_len: 10000000 tokens is more than the model takes "
+                    "(max_position_embeddings: 256); set seq_len to at most 256")
+    assert problems(workspace, **{"pretrain.data.seq_len": 256}) == []
+
+
+def test_records_without_the_text_field_on_s3_are_named(workspace, s3_bucket):
+    from elo_ray import storage
+
+    storage.write_text(f"{s3_bucket}/corpus/en.jsonl", "".join(json.dumps({"body": f"Doc {i}."}) + "\n" for i in range(9)))
+    [line] = problems(workspace, **{"pretrain.data.sources": [{"uri": f"{s3_bucket}/corpus/", "language": "en"}]})
+    assert line == (f"pretrain.data: {s3_bucket}/corpus/en.jsonl: records have keys ['body'], not 'text' "
+                    "(first 9 records); set text_field: body")
