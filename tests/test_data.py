@@ -541,3 +541,15 @@ def test_chat_messages_of_the_wrong_shape_are_named_with_their_line(tmp_path):
     cfg = ChatDataConfig(sources=[SourceConfig(uri=path, language="en")])
     assert data.validate_sources(cfg) == [f"{path}:2: 'messages' must be a list of {{role, content}} string pairs; fix "
                                           f"the record, or set on_bad_record: skip to skip and count such records"]
+
+
+def test_checking_an_s3_source_reads_a_megabyte_of_it_not_the_file(s3_bucket):
+    line = (json.dumps({"text": "word " * 200}) + "\n").encode()
+    uri = f"{s3_bucket}/big/en.jsonl"
+    storage.write_bytes(uri, line * (12 * (1 << 20) // len(line)))  # 12 MB
+    fs, _ = storage.filesystem(uri)
+    fs.connect()
+    fetched = []
+    fs.s3.meta.events.register("after-call.s3.GetObject", lambda parsed, **_: fetched.append(parsed["ContentLength"]))
+    assert data.validate_sources(DataConfig(sources=[SourceConfig(uri=uri, language="en")])) == []
+    assert 1 << 20 <= sum(fetched) < 2 << 20  # the sample and the file's first bytes

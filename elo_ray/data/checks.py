@@ -185,8 +185,8 @@ def _sample_lines(f: SourceFile) -> list[tuple[int, bytes]]:
     fs, path = storage.filesystem(f.uri)
     compressed = f.uri.endswith(COMPRESSED)
     data, ended = b"", False
-    # A small readahead block: a ranged read of about the sample, not a download of the file.
-    with fs.open(path, "rb", block_size=SAMPLE_BYTES, cache_type="readahead",
+    # Aligned blocks of the sample's size: ranged reads of the sample, not a download of the file.
+    with fs.open(path, "rb", block_size=SAMPLE_BYTES, cache_type="blockcache",
                  compression="infer" if compressed else None) as fh:
         while len(data) < SAMPLE_BYTES or (b"\n" not in data and len(data) < _MAX_SAMPLE_BYTES):
             chunk = fh.read(SAMPLE_BYTES)
