@@ -31,9 +31,9 @@ language (tokens / share) times epochs; a counting pass before training makes th
 Modules, each importing only those above it:
   sources.py     URIs -> sorted files -> read units (DataError)
   documents.py   units -> documents; StreamKind (pretrain or chat); Counts of what was skipped
+  budget.py      the asked shares; sequences per language per worker
   checks.py      before any GPU: every file is what its format says, a sample of each source parses
   tokens.py      the tokenizer: documents -> ids -> packed sequences; chat -> ids and labels
-  budget.py      sequences per language per worker
   datasource.py  the Ray Data read tasks: count a unit, or read its sequences in blocks
   reader.py      inside each Ray Train worker: mix the shards by ratio into micro-batches
   plan.py        the driver's steps: check, units, held-out, count, budget, datasets -> StreamPlan

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from elo_ray.config import ChatDataConfig, DataConfig
+from elo_ray.config import ChatDataConfig, DataConfig, resolve_weights
 from elo_ray.data.documents import StreamKind
 from elo_ray.data.sources import DataError
 
@@ -26,6 +26,18 @@ class Budget:
     quotas: dict[str, int]  # sequences per worker each language trains
     repeat: tuple[str, ...]  # languages whose quota is more than their shard holds: read again
     note: str | None  # says when the budget was cut to what the data holds
+
+
+def resolve_shares(cfg: DataConfig | ChatDataConfig, kind: StreamKind) -> dict[str, float]:
+    """Normalised shares per language: tokens (pretrain, default 1:9 English) or examples (chat, default equal)."""
+    languages = sorted({s.language for s in cfg.sources})
+    weights = cfg.weights
+    if kind is StreamKind.CHAT and weights is None:
+        weights = dict.fromkeys(languages, 1.0)  # chat default: equal (paper: target:English 1:1)
+    try:
+        return resolve_weights(weights, languages)
+    except ValueError as e:
+        raise DataError(f"weights: {e}") from None
 
 
 def budget_for(cfg: DataConfig | ChatDataConfig, kind: StreamKind, available: dict[str, int],

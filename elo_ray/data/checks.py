@@ -16,7 +16,8 @@ import posixpath
 from collections import Counter
 
 from elo_ray import storage
-from elo_ray.config import ChatDataConfig, DataConfig, SourceConfig, resolve_weights
+from elo_ray.config import ChatDataConfig, DataConfig, SourceConfig
+from elo_ray.data.budget import resolve_shares
 from elo_ray.data.documents import Counts, StreamKind, bad_messages, decode_line, malformed_line, parse_record, to_document
 from elo_ray.data.sources import COMPRESSED, DataError, SourceFile, list_files
 
@@ -45,32 +46,20 @@ def validate_sources(cfg: DataConfig | ChatDataConfig) -> list[str]:
         problems.append("sources: no sources given; add at least one {uri, language}")
         return problems
     try:
-        resolve_shares(cfg)
+        resolve_shares(cfg, kind)
     except DataError as e:
         problems.append(str(e))
     return problems
 
 
 def require_valid_sources(cfg: DataConfig | ChatDataConfig) -> dict[str, float]:
-    """The asked share of each language; a DataError listing the problems `validate_sources` finds."""
+    """The asked share of each language; a DataError with the problems `validate_sources` finds."""
     problems = validate_sources(cfg)
     if len(problems) == 1:
         raise DataError(problems[0])
     if problems:
         raise DataError("data sources have problems:\n" + "\n".join(f"  {p}" for p in problems))
-    return resolve_shares(cfg)
-
-
-def resolve_shares(cfg: DataConfig | ChatDataConfig) -> dict[str, float]:
-    """Normalised shares per language: tokens (pretrain, default 1:9 English) or examples (chat, default equal)."""
-    languages = sorted({s.language for s in cfg.sources})
-    weights = cfg.weights
-    if StreamKind.of(cfg) is StreamKind.CHAT and weights is None:
-        weights = dict.fromkeys(languages, 1.0)  # chat default: equal (paper: target:English 1:1)
-    try:
-        return resolve_weights(weights, languages)
-    except ValueError as e:
-        raise DataError(f"weights: {e}") from None
+    return resolve_shares(cfg, StreamKind.of(cfg))
 
 
 def check_seq_len(seq_len: int, max_positions: int | None) -> list[str]:
