@@ -9,7 +9,9 @@ plus tokenizer and generation files (`SIDE_FILES`).
   flat chunks (for streaming through one reused buffer). It opens only the shards a caller
   touches when the checkpoint has an index.
 - `CheckpointWriter` writes a checkpoint into a staging directory (prefix) beside `out` and moves
-  it into place only when complete, config.json last.
+  it into place only when complete, config.json last; see its docstring for what a reader of
+  `out` sees meanwhile. Staging left behind by a killed writer is swept by the next writer of
+  the same `out`.
 
 Surgery (detach, merge, chat vector), the training build (each rank reads its rows) and the
 export of a trained model all read and write through this module.
