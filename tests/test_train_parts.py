@@ -158,6 +158,27 @@ def test_export_streams_shards_that_from_pretrained_loads(tmp_path, dtype):
         assert torch.equal(loaded.state_dict()[name], tensor), name
 
 
+def test_a_failed_export_leaves_the_earlier_output_as_it_was(tmp_path, monkeypatch):
+    source = saved(elo_config(), tmp_path / "in")
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    out = tmp_path / "out"
+    export.export(model, source, str(out), max_shard_bytes=20_000)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    write = export._write_shards
+
+    def fail_after_one_shard(output, names, groups):  # as if the disk filled up
+        write(output, names[:1], groups[:1])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(export, "_write_shards", fail_after_one_shard)
+    with pytest.raises(OSError, match="No space left"):
+        export.export(model, source, str(out), max_shard_bytes=20_000)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no staging left
+
+
 def test_export_merges_lora_adapters_as_peft_does(tmp_path):
     import peft
 

@@ -100,37 +100,41 @@ def export(model: nn.Module, model_dir: str, output_uri: str, max_shard_bytes: i
     rank = dist.get_rank() if dist.is_initialized() else 0
     with checkpoint_reader(model_dir) as source:
         groups = _groups(entries(model, source), max_shard_bytes)
-        side = hf_checkpoint.side_files(source.files)
-    names = hf_checkpoint.shard_file_names(len(groups))
-    output = _open_output(output_uri, model_dir, rank)
-    try:
-        for name, group in zip(names, groups):
-            f = output.open(name) if output else None
-            try:
-                if f:
-                    f.write(hf_checkpoint.safetensors_header([(e.name, e.dtype, e.shape) for e in group]))
-                for e in group:
-                    tensor = e.full().to(e.dtype).contiguous().cpu()
-                    if f:
-                        f.write(hf_checkpoint.tensor_bytes(tensor))
-                    del tensor
-            finally:
-                if f:
-                    f.close()
-        if output:
-            if len(groups) > 1:
-                weight_map = {e.name: n for n, g in zip(names, groups) for e in g}
-                total = sum(e.nbytes for g in groups for e in g)
-                output.write_bytes(hf_checkpoint.INDEX_NAME, hf_checkpoint.index_json(weight_map, total))
-            output.copy_side_files(model_dir, side)
-            output.copy_in(storage.join(model_dir, hf_checkpoint.CONFIG_NAME), hf_checkpoint.CONFIG_NAME)
-            output.commit()
-    finally:
-        if output:
-            output.abort()  # nothing when committed
+        names = hf_checkpoint.shard_file_names(len(groups))
+        output = _open_output(output_uri, model_dir, rank)
+        if output is None:
+            _write_shards(None, names, groups)  # this rank takes part in the gathers only
+        else:
+            with output:
+                _write_shards(output, names, groups)
+                if len(groups) > 1:
+                    weight_map = {e.name: n for n, g in zip(names, groups) for e in g}
+                    total = sum(e.nbytes for g in groups for e in g)
+                    output.write_bytes(hf_checkpoint.INDEX_NAME, hf_checkpoint.index_json(weight_map, total))
+                output.copy_side_files(model_dir, source.files)
+                output.copy_in(storage.join(model_dir, hf_checkpoint.CONFIG_NAME), hf_checkpoint.CONFIG_NAME)
+                output.commit()
     if dist.is_initialized():
         dist.barrier()
     return names
+
+
+def _write_shards(output: CheckpointWriter | None, names: list[str], groups: list[list[Entry]]) -> None:
+    """Gather each tensor in turn (collective) and, where there is an output, stream it into its
+    shard file after the shard's header."""
+    for name, group in zip(names, groups):
+        f = output.open(name) if output else None
+        try:
+            if f:
+                f.write(hf_checkpoint.safetensors_header([(e.name, e.dtype, e.shape) for e in group]))
+            for e in group:
+                tensor = e.full().to(e.dtype).contiguous().cpu()
+                if f:
+                    f.write(hf_checkpoint.tensor_bytes(tensor))
+                del tensor
+        finally:
+            if f:
+                f.close()
 
 
 def _open_output(output_uri: str, model_dir: str, rank: int) -> CheckpointWriter | None:
