@@ -213,7 +213,11 @@ class ChatVectorConfig(Config):
 
     enabled: bool = True
     scale: float = Field(1.0, description="Multiplier of the chat vector.")
-    skip: list[str] = Field(default_factory=list, description="Tensor name patterns left untouched.")
+    skip: list[str] = Field(
+        default_factory=list,
+        description="Tensors left as in the aligned model: fnmatch patterns over whole tensor names "
+        "(model.embed_tokens.*, lm_head.weight); each must match some tensor.",
+    )
 
 
 class InstructStage(_WholeModelStage):

@@ -18,6 +18,7 @@ run leaves nothing at `out`.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import functools
 import re
@@ -117,6 +118,42 @@ def check_checkpoint(checkpoint: str) -> transformers.PretrainedConfig:
     with CheckpointReader(checkpoint) as ckpt:
         _check_architecture(ckpt)
         return ckpt.config
+
+
+@_surgery_errors
+def check_skip_patterns(skip: Sequence[str], *checkpoints: str) -> None:
+    """Every chat-vector `skip` pattern matches some tensor name of `checkpoints`; otherwise a
+    SurgeryError names the pattern and real names. Reads only the tensor names (index or headers)."""
+    if isinstance(skip, str):
+        skip = (skip,)
+    if not skip:
+        return
+    names: list[str] = []
+    for uri in checkpoints:
+        with CheckpointReader(uri) as ckpt:
+            names += ckpt.weight_map
+    _check_patterns(skip, names, " or ".join(checkpoints))
+
+
+def _check_patterns(patterns: Sequence[str], names: list[str], where: str) -> None:
+    """A pattern that matches nothing skips nothing, silently: refuse it, with the names it
+    probably meant (fnmatch matches whole names, so "embed_tokens" is not "model.embed_tokens.*")."""
+    for pattern in patterns:
+        if any(fnmatch.fnmatch(name, pattern) for name in names):
+            continue
+        core = pattern.strip("*")
+        near = sorted({n for n in names if core and core in n})
+        if near:
+            end = near[0].index(core) + len(core)
+            meant = near[0][:end] + (".*" if near[0][end:end + 1] == "." else "*")
+            hint = f"tensors named like it: {_few(near, 3)}; write {meant!r}"
+            hint += f" or {'*' + core + '*'!r} (all {len(near)})" if len(near) > 1 else ""
+        else:
+            hint = f"the tensors are named like {_few(difflib.get_close_matches(pattern, names, 3, 0.0) or names, 3)}"
+        raise SurgeryError(
+            f"skip pattern {pattern!r} matches no tensor of {where}: a pattern must match whole tensor "
+            f"names (fnmatch); {hint}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,13 +438,15 @@ def chat_vector(
     """Write `target + scale * (instruct - base)`, tensor by tensor, over every tensor
     (embedding and head included), computed in fp32 and stored in target's dtype.
 
-    Tensors whose names match a `skip` pattern (fnmatch, e.g. "model.embed_tokens.*") stay as
-    in target; so do non-float tensors. All three must hold each other tensor with one shape.
+    Tensors whose names match a `skip` pattern (fnmatch over whole names, e.g.
+    "model.embed_tokens.*"; a pattern that matches no tensor is an error) stay as in target; so
+    do non-float tensors. All three must hold each other tensor with one shape.
     The result keeps target's config, shard layout, tokenizer and generation files.
     """
     if isinstance(skip, str):
         skip = (skip,)
     with CheckpointReader(target) as t, CheckpointReader(base) as b, CheckpointReader(instruct) as i:
+        _check_patterns(skip, [*t.weight_map, *b.weight_map, *i.weight_map], "target, base or instruct")
         skipped = lambda key: any(fnmatch.fnmatch(key, p) for p in skip)  # noqa: E731
         for c in (t, b, i):
             c.check_shards()

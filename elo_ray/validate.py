@@ -81,6 +81,11 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
                         f"model.instruct: {uri} is {other.model_type} with hidden size {other.hidden_size}, "
                         f"the base is {config.model_type} with {config.hidden_size}; the chat vector needs the same architecture"
                     )
+                if spec.instruct.enabled and spec.instruct.chat_vector.enabled:
+                    try:
+                        surgery.check_skip_patterns(spec.instruct.chat_vector.skip, base, uri)
+                    except surgery.SurgeryError as e:
+                        problems.append(f"instruct.chat_vector.skip: {e}")
         except Exception as e:
             problems.append(f"model.{key}: {e}")
     return problems, config

@@ -24,6 +24,7 @@ from elo_ray import storage
 from elo_ray.surgery import (
     SurgeryError,
     chat_vector,
+    check_skip_patterns,
     checkpoint_config,
     detach,
     merge,
@@ -531,6 +532,26 @@ def test_chat_vector_refuses_shape_mismatch_and_names_the_tensor(trio, tmp_path)
     assert not (tmp_path / "out").exists()
     out = chat_vector(target, base, bigger, str(tmp_path / "out"), skip=["model.embed_tokens.weight", "lm_head.weight"])
     assert torch.equal(tensors_of(out)["lm_head.weight"], tensors_of(target)["lm_head.weight"])
+
+
+def test_skip_patterns_that_match_no_tensor_are_refused_with_the_names_meant(trio, tmp_path):
+    target, base, instruct = trio
+    with pytest.raises(SurgeryError) as err:
+        chat_vector(target, base, instruct, str(tmp_path / "out"), skip=["lm_head.weight", "embed_tokens"])
+    assert str(err.value) == (
+        "skip pattern 'embed_tokens' matches no tensor of target, base or instruct: a pattern must match whole "
+        "tensor names (fnmatch); tensors named like it: model.embed_tokens.weight; write 'model.embed_tokens.*'"
+    )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SurgeryError, match=(
+        r"skip pattern 'q_proj' .* tensors named like it: model.layers.0.self_attn.q_proj.weight, "
+        r"model.layers.1.self_attn.q_proj.weight, model.layers.2.self_attn.q_proj.weight \(and 1 more\); "
+        r"write 'model.layers.0.self_attn.q_proj.\*' or '\*q_proj\*' \(all 4\)$"
+    )):
+        chat_vector(target, base, instruct, str(tmp_path / "out"), skip="q_proj")
+    with pytest.raises(SurgeryError, match=rf"skip pattern 'decoder.\*' matches no tensor of {base}: .* the tensors are named like \S+"):
+        check_skip_patterns(["decoder.*"], base)
+    check_skip_patterns(["model.embed_tokens.*", "*q_proj*", "lm_head.weight"], base, instruct)  # all match
 
 
 def test_chat_vector_refuses_missing_tensors(trio, saved, tmp_path):

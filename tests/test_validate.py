@@ -192,3 +192,14 @@ def test_records_without_the_text_field_on_s3_are_named(workspace, s3_bucket):
     [line] = problems(workspace, **{"pretrain.data.sources": [{"uri": f"{s3_bucket}/corpus/", "language": "en"}]})
     assert line == (f"pretrain.data: {s3_bucket}/corpus/en.jsonl: records have keys ['body'], not 'text' "
                     "(first 9 records); set text_field: body")
+
+
+def test_chat_vector_skip_pattern_that_matches_no_tensor(workspace):
+    changes = {"model.instruct": str(workspace / "model"), "instruct.sft_enabled": False}
+    [line] = problems(workspace, **changes, **{"instruct.chat_vector.skip": ["lm_head.*", "embed_tokens"]})
+    assert line == (
+        f"instruct.chat_vector.skip: skip pattern 'embed_tokens' matches no tensor of {workspace / 'model'} or "
+        f"{workspace / 'model'}: a pattern must match whole tensor names (fnmatch); tensors named like it: "
+        "model.embed_tokens.weight; write 'model.embed_tokens.*'"
+    )
+    assert problems(workspace, **changes, **{"instruct.chat_vector.skip": ["lm_head.*", "model.embed_tokens.*"]}) == []
