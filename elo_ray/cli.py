@@ -5,8 +5,22 @@
     elo-ray status work/runs/demo [--json]
     elo-ray demo
 
-Exit codes: 0 every asked stage is complete; 2 the spec or the run is invalid (one line per
-problem, each naming the key or URI); 1 a stage failed while running.
+Exit codes:
+    0  every asked stage is complete
+    2  bad input: the spec, its data or models, or the run as asked, is wrong; changing the
+       spec, the data or the command fixes it. Before a run: one line per problem, each naming
+       the key or URI. During a run: SpecError, PipelineError (a stage's input missing, another
+       spec under the same run id, the run held by another driver), DataError (a source that
+       cannot be read as configured), SurgeryError (a checkpoint or layer choice that does not
+       fit), TrainingError and CheckpointMismatchError (settings the model or the checkpoint
+       cannot train with).
+    1  a failure: the input may be fine but the run did not get through: DivergedError (the
+       loss became NaN/inf), StorageError (storage did not answer after retries), a Ray worker
+       or task that crashed more often than resources.max_failures allows, or an unexpected
+       error (reported with its traceback: it is a bug to report).
+A run stops with one last line on stderr, `run stopped: STAGE: message` (`run stopped: message`
+for what goes wrong before any stage starts), and no traceback unless `--debug` is given.
+Errors raised inside Ray tasks and Train workers are unwrapped to the project's own error.
 
 Messages go to stdout as `[elo-ray] ...` at INFO; `--verbose` adds DEBUG lines, `--quiet` keeps
 only warnings (run, validate, demo). Problems and warnings about the spec go to stderr.
@@ -23,6 +37,7 @@ from importlib import resources
 from elo_ray import logs
 from elo_ray.config import JobSpec, SpecError, load_spec
 
+EXIT_FAILED = 1
 EXIT_INVALID = 2
 DEMO_SPEC = "demo.yaml"  # inside the package; jobs/demo.yaml is the same file for users to copy
 
@@ -62,6 +77,75 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _bad_input() -> tuple[type[BaseException], ...]:
+    from elo_ray.data.sources import DataError
+    from elo_ray.pipeline import PipelineError
+    from elo_ray.surgery import SurgeryError
+    from elo_ray.train.errors import TrainingError  # CheckpointMismatchError is one
+
+    return (SpecError, PipelineError, DataError, SurgeryError, TrainingError)
+
+
+def _own_failures() -> tuple[type[BaseException], ...]:
+    from elo_ray.storage import StorageError
+    from elo_ray.train.errors import DivergedError
+
+    return (DivergedError, StorageError)
+
+
+def _ray_failures() -> tuple[type[BaseException], ...]:
+    import ray.exceptions
+    import ray.train
+
+    return (ray.exceptions.RayError, ray.train.TrainingFailedError)
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The error to show: a stage's own error, out of Ray's wrappers (a task's RayTaskError, a
+    Train worker group's failure)."""
+    import ray.exceptions
+    import ray.train
+
+    from elo_ray.pipeline import StageError
+
+    while True:
+        if isinstance(error, StageError):
+            error = error.error
+        elif isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, Exception):
+            error = error.cause
+        elif isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
+            error = next(iter(error.worker_failures.values()))
+        else:
+            return error
+
+
+def _stopped(error: Exception, debug: bool) -> int:
+    """End a run on `error`: the traceback when asked for (or for a bug), then one line."""
+    import traceback
+
+    from elo_ray.pipeline import StageError
+
+    cause = _cause(error)
+    own_failure = isinstance(cause, _own_failures())  # tested first: DivergedError is a TrainingError
+    bad_input = not own_failure and isinstance(cause, _bad_input())
+    ray_failure = not (own_failure or bad_input) and isinstance(cause, _ray_failures())
+    if own_failure or bad_input:
+        lines = _lines(str(cause))
+    elif ray_failure:  # Ray's messages hold whole tracebacks: the first line says what happened
+        lines = _lines(f"{type(cause).__name__}: {cause}")[:1] + ["rerun with --debug for the details"]
+    else:
+        lines = _lines(f"{type(cause).__name__}: {cause}") + ["an unexpected error: please report it with the traceback"]
+    if debug or not (own_failure or bad_input or ray_failure):
+        traceback.print_exception(error, file=sys.stderr)
+    stage = f"{error.stage}: " if isinstance(error, StageError) else ""
+    print(f"run stopped: {stage}{'; '.join(lines)}", file=sys.stderr)
+    return EXIT_INVALID if bad_input else EXIT_FAILED
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def cmd_run(args) -> int:
     from elo_ray import pipeline
     from elo_ray.stages import STAGES
@@ -69,17 +153,12 @@ def cmd_run(args) -> int:
     spec = _load(args.spec, args.set)
     if spec is None or not _validate(spec):
         return EXIT_INVALID
-    try:
-        run_id = pipeline.resolve_run_id(args.run_id or spec.run_id)
-    except pipeline.PipelineError as e:
-        _print_problems("cannot start:", [str(e)])
-        return EXIT_INVALID
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     try:
+        run_id = pipeline.resolve_run_id(args.run_id or spec.run_id)
         done = pipeline.run_pipeline(spec, run_id, STAGES, stages=stages, overridden=bool(args.set))
-    except pipeline.PipelineError as e:
-        _print_problems("run stopped:", [str(e)])
-        return EXIT_INVALID
+    except Exception as e:
+        return _stopped(e, args.debug)
     run = pipeline.Run(spec, run_id)
     print(f"\nrun {run_id} complete at {run.uri}")
     for stage, m in done.items():
@@ -128,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         loud.add_argument("--verbose", "-v", action="store_true", help="also print debug messages")
         loud.add_argument("--quiet", "-q", action="store_true", help="print only warnings and errors")
 
+    def with_debug(p):
+        p.add_argument("--debug", action="store_true", help="print the traceback when the run stops on an error")
+
     def with_spec(p):
         with_verbosity(p)
         p.add_argument("spec", help="job spec YAML")
@@ -138,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     with_spec(p)
     p.add_argument("--run-id", help="run id; {date}, {time}, {datetime} are filled in (default: the spec's run_id)")
     p.add_argument("--stages", help="comma-separated stages to run, e.g. pretrain,merge")
+    with_debug(p)
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("validate", help="check a spec, its storage, model and data before spending GPUs")
@@ -154,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     with_verbosity(p)
+    with_debug(p)
     p.set_defaults(fn=cmd_demo)
 
     args = parser.parse_args(argv)

@@ -36,7 +36,16 @@ log = logging.getLogger(__name__)
 
 
 class PipelineError(RuntimeError):
-    """A run cannot go on; the message names the stage, the URI and what to do."""
+    """The run as asked cannot go on; the message names the stage, the URI and what to do."""
+
+
+class StageError(RuntimeError):
+    """A stage stopped on an error: `stage` names it, `error` (also `__cause__`) is the error."""
+
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"{stage}: {error}")
+        self.stage = stage
+        self.error = error
 
 
 def resolve_run_id(template: str | None, now: dt.datetime | None = None) -> str:
@@ -207,8 +216,8 @@ def run_pipeline(
         ctx = StageContext(run=run, stage=stage, config_hash=chash, inputs=inputs)
         try:
             result = stage_fns[stage](ctx)
-        except storage.StorageError as e:
-            raise PipelineError(f"{stage}: {e}") from e
+        except Exception as e:
+            raise StageError(stage, e) from e
         seconds = time.perf_counter() - t0
         metrics = {"seconds": round(seconds, 3), **result.metrics}
         m = manifest.Manifest(

@@ -175,8 +175,9 @@ def test_storage_that_stops_answering_fails_with_stage_and_uri(tmp_path, monkeyp
         storage.write_text("s3://bucket/x/model.bin", "x")
 
     try:
-        with pytest.raises(pipeline.PipelineError, match=r"pretrain: writing s3://bucket/x/model.bin failed after 4 attempts"):
+        with pytest.raises(pipeline.StageError, match=r"pretrain: writing s3://bucket/x/model.bin failed after 4 attempts") as e:
             pipeline.run_pipeline(spec, "r1", {**Recorder().fns(), "pretrain": writes_to_dead_s3})
+        assert e.value.stage == "pretrain" and isinstance(e.value.error, storage.StorageError)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
     assert manifest.read(storage.join(str(tmp_path), "r1", "pretrain")) is None
