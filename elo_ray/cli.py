@@ -8,19 +8,24 @@
 Exit codes:
     0  every asked stage is complete
     2  bad input: the spec, its data or models, or the run as asked, is wrong; changing the
-       spec, the data or the command fixes it. Before a run: one line per problem, each naming
-       the key or URI. During a run: SpecError, PipelineError (a stage's input missing, another
-       spec under the same run id, the run held by another driver), DataError (a source that
-       cannot be read as configured), SurgeryError (a checkpoint or layer choice that does not
-       fit), TrainingError and CheckpointMismatchError (settings the model or the checkpoint
-       cannot train with).
+       spec, the data or the command fixes it. Before a run: one line per problem, each
+       naming the key or URI. During a run: SpecError; PipelineError (a stage's input
+       missing, another spec under the same run id); LeaseHeld (another driver holds the
+       run); DataError (a source that cannot be read as configured); SurgeryError (a
+       checkpoint or layer choice that does not fit); TrainingError and
+       CheckpointMismatchError (settings the model or the checkpoint cannot train with).
     1  a failure: the input may be fine but the run did not get through: DivergedError (the
-       loss became NaN/inf), StorageError (storage did not answer after retries), a Ray worker
-       or task that crashed more often than resources.max_failures allows, or an unexpected
-       error (reported with its traceback: it is a bug to report).
+       loss became NaN/inf); StorageError (storage did not answer after retries); LeaseLost
+       (another driver took the run over, or the lease could not be refreshed); a Ray worker
+       or task that crashed more often than resources.max_failures allows; an unexpected
+       error (printed with its traceback: a bug to report).
 A run stops with one last line on stderr, `run stopped: STAGE: message` (`run stopped: message`
-for what goes wrong before any stage starts), and no traceback unless `--debug` is given.
-Errors raised inside Ray tasks and Train workers are unwrapped to the project's own error.
+for what goes wrong outside a stage), and no traceback unless `--debug` is given. Errors raised
+inside Ray tasks and Train workers are unwrapped to the project's own error.
+
+One driver per run: `run` and `demo` hold the run's lease (lease.py) while they work; a second
+driver on the same run exits 2 naming the holder. A killed driver's lease is taken over at once
+by a rerun on the same host, a silent one after lease.STALE_S; `--force-unlock` takes it now.
 
 Messages go to stdout as `[elo-ray] ...` at INFO; `--verbose` adds DEBUG lines, `--quiet` keeps
 only warnings (run, validate, demo). Problems and warnings about the spec go to stderr.
@@ -79,18 +84,20 @@ def cmd_validate(args) -> int:
 
 def _bad_input() -> tuple[type[BaseException], ...]:
     from elo_ray.data.sources import DataError
+    from elo_ray.lease import LeaseHeld
     from elo_ray.pipeline import PipelineError
     from elo_ray.surgery import SurgeryError
     from elo_ray.train.errors import TrainingError  # CheckpointMismatchError is one
 
-    return (SpecError, PipelineError, DataError, SurgeryError, TrainingError)
+    return (SpecError, PipelineError, LeaseHeld, DataError, SurgeryError, TrainingError)
 
 
 def _own_failures() -> tuple[type[BaseException], ...]:
+    from elo_ray.lease import LeaseLost
     from elo_ray.storage import StorageError
     from elo_ray.train.errors import DivergedError
 
-    return (DivergedError, StorageError)
+    return (DivergedError, StorageError, LeaseLost)
 
 
 def _ray_failures() -> tuple[type[BaseException], ...]:
@@ -156,7 +163,8 @@ def cmd_run(args) -> int:
     stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
     try:
         run_id = pipeline.resolve_run_id(args.run_id or spec.run_id)
-        done = pipeline.run_pipeline(spec, run_id, STAGES, stages=stages, overridden=bool(args.set))
+        done = pipeline.run_pipeline(spec, run_id, STAGES, stages=stages, overridden=bool(args.set),
+                                     force_unlock=args.force_unlock)
     except Exception as e:
         return _stopped(e, args.debug)
     run = pipeline.Run(spec, run_id)
@@ -182,6 +190,7 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    print(f"{'lease':9s} {_lease_state(args.run_uri)}")
     for stage, s in status.items():
         secs = s.get("seconds")
         extra = f"  {secs:.1f}s" if secs is not None else ""
@@ -190,6 +199,15 @@ def cmd_status(args) -> int:
         summary = "  " + " ".join(f"{k}={metrics[k]:.4g}" for k in keys) if keys else ""
         print(f"{stage:9s} {s['state']}{extra}{summary}")
     return 0
+
+
+def _lease_state(run_uri: str) -> str:
+    from elo_ray import lease
+
+    _, holder = lease.current(run_uri)
+    if holder is None:
+        return "none"
+    return "released" if holder.state == "released" else f"held by {holder.describe()}"
 
 
 def cmd_demo(args) -> int:
@@ -210,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     def with_debug(p):
         p.add_argument("--debug", action="store_true", help="print the traceback when the run stops on an error")
 
+    def with_force_unlock(p):
+        p.add_argument("--force-unlock", action="store_true",
+                       help="take the run's lease from a driver that holds it (only when that driver is gone)")
+
     def with_spec(p):
         with_verbosity(p)
         p.add_argument("spec", help="job spec YAML")
@@ -220,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     with_spec(p)
     p.add_argument("--run-id", help="run id; {date}, {time}, {datetime} are filled in (default: the spec's run_id)")
     p.add_argument("--stages", help="comma-separated stages to run, e.g. pretrain,merge")
+    with_force_unlock(p)
     with_debug(p)
     p.set_defaults(fn=cmd_run)
 
@@ -237,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     with_verbosity(p)
+    with_force_unlock(p)
     with_debug(p)
     p.set_defaults(fn=cmd_demo)
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import yaml
 
-from elo_ray import manifest, stage_table, storage
+from elo_ray import lease, manifest, stage_table, storage
 from elo_ray.config import JobSpec, spec_to_yaml
 
 STAGE_ORDER = stage_table.ORDER
@@ -165,8 +165,13 @@ def run_pipeline(
     stage_fns: dict[str, StageFn],
     stages: list[str] | None = None,
     overridden: bool = False,
+    force_unlock: bool = False,
 ) -> dict[str, manifest.Manifest]:
-    """Run (or skip) the asked stages in order; returns every committed manifest of the run."""
+    """Run (or skip) the asked stages in order; returns every committed manifest of the run.
+
+    The run's lease (lease.py) is held from before the first write to the end: a second driver
+    on the same run stops with `lease.LeaseHeld`; `force_unlock` takes the lease from a holder
+    that cannot be shown dead."""
     run = Run(spec, run_id)
     problems = stage_table.plan_problems(spec)
     if problems:
@@ -180,10 +185,21 @@ def run_pipeline(
     if disabled:
         raise PipelineError(f"stage(s) {disabled} are disabled in the spec; enable them with --set {disabled[0]}.enabled=true")
 
-    store_spec(run, overridden)
-    log.info(f"run {run_id} at {run.uri}: stages {', '.join(asked)}")
+    with lease.hold(run.uri, force=force_unlock):
+        store_spec(run, overridden)
+        log.info(f"run {run_id} at {run.uri}: stages {', '.join(asked)}")
+        done = _run_stages(run, asked, stage_fns)
+    missing = [s for s in asked if s not in done]
+    if missing:
+        raise PipelineError(f"stage(s) {missing} did not complete")
+    return done
+
+
+def _run_stages(run: Run, asked: list[str], stage_fns: dict[str, StageFn]) -> dict[str, manifest.Manifest]:
+    """Skip or run each enabled stage in order; the manifests committed."""
+    spec = run.spec
     done: dict[str, manifest.Manifest] = {}
-    for stage in enabled:
+    for stage in stage_table.enabled(spec):
         uri = run.stage_uri(stage)
         inputs = {}
         needed = stage_table.inputs(spec, stage)
@@ -233,9 +249,6 @@ def run_pipeline(
         manifest.commit(uri, m)
         done[stage] = m
         log.info(f"{stage}: complete in {seconds:.1f}s")
-    missing = [s for s in asked if s not in done]
-    if missing:
-        raise PipelineError(f"stage(s) {missing} did not complete")
     return done
 
 

@@ -8,6 +8,8 @@ Rules, kept in this one module:
   is ever written into a manifest, a log line or an error message.
 - Writes that must not be seen half-done go through `write_bytes` (local: temp file + rename;
   object stores: a single PUT, which is atomic).
+- `create_exclusive` writes an object only if none is there, atomically where the store offers
+  it (local files, S3, GCS); the run lease (lease.py) rests on it.
 """
 
 from __future__ import annotations
@@ -153,6 +155,52 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode("utf-8"))
+
+
+# Stores whose fsspec backend writes "only if absent" in one request (see create_exclusive).
+EXCLUSIVE_CREATE = ("file", "local", "s3", "s3a", "gs", "gcs")
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write a whole object at `uri` only if nothing is there; True when this call created it.
+
+    One atomic step on each store: local, a complete temp file hard-linked to the name (the link
+    fails when the name exists, and readers never see a partial file); S3, PutObject with
+    `If-None-Match: *` (s3fs's mode="create"; a concurrent conflict, 409, is retried and then
+    answers 412); GCS, `ifGenerationMatch=0` (gcsfs's mode="create"). Other stores raise
+    StorageError rather than risk an overwrite.
+    """
+    fs, path = filesystem(uri)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if not set(protocols) & set(EXCLUSIVE_CREATE):
+        raise StorageError(f"{uri}: {protocols[0]}:// cannot write only-if-absent; use a local path, s3:// or gs://")
+    if is_local(fs):
+        return _link_exclusive(path, data)
+
+    def create() -> bool:
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
+    return retrying("creating", uri, create)
+
+
+def _link_exclusive(path: str, data: bytes) -> bool:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
 
 
 def makedirs(uri: str) -> None:

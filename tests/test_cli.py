@@ -5,6 +5,10 @@ the real CLI entry point, spec validation and pipeline; one case runs the real m
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ import ray.exceptions
 import ray.train
 import yaml
 
-from elo_ray import cli, pipeline, stages, storage
+from elo_ray import cli, lease, pipeline, stages, storage
 from elo_ray.config import SpecError
 from elo_ray.data.sources import DataError
 from elo_ray.storage import StorageError
@@ -33,9 +37,9 @@ def workspace(tmp_path_factory, tiny_tokenizer) -> Path:
     return root
 
 
-def write_spec(workspace: Path, tmp_path: Path) -> str:
+def write_spec(workspace: Path, tmp_path: Path, root: str | None = None) -> str:
     spec = {
-        "storage": {"root": str(tmp_path / "runs")},
+        "storage": {"root": root or str(tmp_path / "runs")},
         "model": {"base": str(workspace / "model")},
         "pretrain": {"data": {"seq_len": 16, "sources": [
             {"uri": str(workspace / "en.jsonl"), "language": "en"}, {"uri": str(workspace / "ko.jsonl"), "language": "ko"}]}},
@@ -164,3 +168,34 @@ def test_a_surgery_error_in_a_real_ray_task_is_unwrapped(ray_local, workspace, t
         f"run stopped: merge: no config.json in {model}; a Hugging Face checkpoint holds config.json and "
         "*.safetensors (write one with save_pretrained)")
     assert "Traceback" not in err
+
+
+def test_a_run_held_by_another_driver_stops_with_exit_2_naming_it(fake_stages, workspace, tmp_path, capsys):
+    spec = write_spec(workspace, tmp_path)
+    run_uri = str(tmp_path / "runs" / "r1")
+    with lease.hold(run_uri) as held:
+        code, err = run(["run", spec, "--run-id", "r1"], capsys)
+        h = held.holder
+        assert code == 2
+        assert re.fullmatch(
+            rf"run stopped: run {re.escape(run_uri)} is held by another driver: host {re.escape(h.host)}, pid {h.pid}, "
+            rf"since {re.escape(h.since)}, last heartbeat .* \(\d+s ago\)\. Wait for it to end or stop it; a lease "
+            r"without heartbeat is taken over after 300s, and --force-unlock takes it now \(only when that driver is "
+            r"gone for good\)", err.splitlines()[-1])
+        assert run(["run", spec, "--run-id", "r1", "--force-unlock"], capsys)[0] == 0
+    n, holder = lease.current(run_uri)
+    assert n == 2 and holder.state == "released"  # --force-unlock took lease 2 and released it
+
+
+def test_a_second_driver_process_on_s3_exits_2_naming_the_holder(workspace, tmp_path, s3_bucket):
+    """This process holds the run; `elo-ray run` in another process is refused before any stage."""
+    spec = write_spec(workspace, tmp_path, root=f"{s3_bucket}/runs")
+    run_uri = f"{s3_bucket}/runs/r1"
+    with lease.hold(run_uri) as held:
+        proc = subprocess.run([sys.executable, "-m", "elo_ray.cli", "run", spec, "--run-id", "r1"],
+                              capture_output=True, text=True, timeout=600, env=os.environ)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"run stopped: run {run_uri} is held by another driver: host {held.holder.host}, "
+                           f"pid {os.getpid()}, since {held.holder.since}, last heartbeat ")
+    assert not storage.exists(f"{run_uri}/spec.yaml")

@@ -276,3 +276,17 @@ def test_stage_plan_names_the_missing_input_and_what_to_do(tmp_path):
     spec = full_spec(str(tmp_path), **{"instruct.sft_enabled": False, "model.instruct": None})
     assert stage_table.plan_problems(spec) == [
         "instruct: nothing to do; set model.instruct for the chat vector or enable sft"]
+
+
+def test_a_run_held_by_another_driver_is_refused_before_any_write(root):
+    from elo_ray import lease
+
+    run_uri = storage.join(root, "r1")
+    rec = Recorder()
+    with lease.hold(run_uri) as held:
+        with pytest.raises(lease.LeaseHeld, match=f"run {run_uri} is held by another driver: host .*, pid {held.holder.pid},"):
+            pipeline.run_pipeline(make_spec(root), "r1", rec.fns())
+    assert rec.calls == [] and not storage.exists(storage.join(run_uri, "spec.yaml"))
+    pipeline.run_pipeline(make_spec(root), "r1", rec.fns())  # released: the next driver runs
+    assert rec.calls == ["pretrain", "merge", "align", "eval"]
+    assert lease.current(run_uri)[1].state == "released"
