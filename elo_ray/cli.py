@@ -1,7 +1,7 @@
 """The `elo-ray` command line: run, validate, status, demo.
 
     elo-ray run jobs/demo.yaml --run-id 'ko-{date}' --set pretrain.train.lr=1e-5
-    elo-ray validate jobs/llama3.1-8b-korean.yaml
+    elo-ray validate jobs/llama3.1-8b-korean.yaml [--cluster cluster/aws-p4d-a100.yaml]
     elo-ray status work/runs/demo [--json]
     elo-ray demo
 
@@ -61,10 +61,10 @@ def _load(path: str, overrides: list[str]) -> JobSpec | None:
         return None
 
 
-def _validate(spec: JobSpec) -> bool:
+def _validate(spec: JobSpec, cluster: str | None = None) -> bool:
     from elo_ray.validate import validate
 
-    report = validate(spec)
+    report = validate(spec, cluster)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if not report.ok:
@@ -76,9 +76,9 @@ def cmd_validate(args) -> int:
     spec = _load(args.spec, args.set)
     if spec is None:
         return EXIT_INVALID
-    if not _validate(spec):
+    if not _validate(spec, args.cluster):
         return EXIT_INVALID
-    print(f"{args.spec}: valid")
+    print(f"{args.spec}: valid" + (f" (checked against {args.cluster})" if args.cluster else ""))
     return 0
 
 
@@ -248,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("validate", help="check a spec, its storage, model and data before spending GPUs")
     with_spec(p)
+    p.add_argument("--cluster", metavar="FILE",
+                   help="a Ray cluster launcher YAML or KubeRay manifest: check the spec's resources and "
+                        "memory against it (e.g. cluster/aws-p4d-a100.yaml)")
     p.set_defaults(fn=cmd_validate)
 
     p = sub.add_parser("status", help="each stage's state, duration and key metrics")

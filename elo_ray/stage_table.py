@@ -16,7 +16,7 @@ it never invalidates a committed stage.
 A stage's config hash (pipeline.py) covers exactly the values of the keys it reads and the
 digests of its inputs' manifests, so changing a key reruns the stages that read it and every
 stage after them, and nothing before. The pipeline (order, inputs, hash), validate (the stage
-plan, the data to check), capacity (which stages train, on what) and the stages themselves (the
+plan, the data to check), the memory estimate (which stages train, on what) and the stages themselves (the
 data a stage trains on) all read this table; nothing else decides these by a stage's name.
 """
 
@@ -48,7 +48,7 @@ class Stage:
 
 @dataclass(frozen=True)
 class Training:
-    """A stage that trains, with what it trains on: what capacity estimates and validate checks."""
+    """A stage that trains, with what it trains on: what the memory estimate and validate read."""
 
     stage: str
     train: TrainConfig

@@ -125,7 +125,9 @@ def check_data(spec: JobSpec, config=None) -> list[str]:
     return problems
 
 
-def validate(spec: JobSpec) -> Report:
+def validate(spec: JobSpec, cluster: str | None = None) -> Report:
+    """Every check; with `cluster` (a Ray cluster file), also the spec's resources against what the
+    cluster offers, and memory against the cluster's GPU instead of resources.gpu_type."""
     report = Report()
     report.problems += stage_table.plan_problems(spec)
     report.problems += check_storage(spec)
@@ -134,8 +136,15 @@ def validate(spec: JobSpec) -> Report:
     model_problems, config = check_model(spec)
     report.problems += model_problems
     report.problems += check_data(spec, config)
-    if config is not None:
-        from elo_ray.capacity import GPUS, memory_warnings
+    if cluster is not None:
+        from elo_ray.clusters import check_cluster
+
+        try:
+            report.warnings += check_cluster(spec, cluster, config)
+        except (OSError, ValueError) as e:  # missing file, not YAML, no Ray cluster in it
+            report.problems.append(f"--cluster {cluster}: {e}")
+    elif config is not None:
+        from elo_ray.memory import GPUS, memory_warnings
 
         gpu = spec.resources.gpu_type
         report.warnings += memory_warnings(spec, config, gpu_memory_gib=GPUS[gpu], gpu_name=gpu)

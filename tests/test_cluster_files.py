@@ -19,7 +19,7 @@ import ray.autoscaler
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from elo_ray.capacity import check_cluster, cluster_offer
+from elo_ray.clusters import check_cluster, cluster_offer
 from elo_ray.config import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

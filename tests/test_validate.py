@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from elo_ray.capacity import GPUS
+from elo_ray.memory import GPUS
 from elo_ray.config import ResourcesConfig, spec_from_dict
 from elo_ray.tiny import tiny_config, tiny_model
 from elo_ray.validate import validate
@@ -203,3 +203,27 @@ def test_chat_vector_skip_pattern_that_matches_no_tensor(workspace):
         "model.embed_tokens.weight; write 'model.embed_tokens.*'"
     )
     assert problems(workspace, **changes, **{"instruct.chat_vector.skip": ["lm_head.*", "model.embed_tokens.*"]}) == []
+
+
+def test_cli_checks_the_spec_against_a_cluster_file(workspace, capsys):
+    """`--cluster`: the spec's resources against what the file offers, memory on the file's GPU."""
+    import yaml
+
+    from elo_ray import cli
+
+    root = Path(__file__).resolve().parents[1]
+    p4d = str(root / "cluster" / "aws-p4d-a100.yaml")
+    spec = workspace / "cluster-check.yaml"
+    spec.write_text(yaml.safe_dump(raw_spec(workspace, **{
+        "resources": {"use_gpu": True, "num_workers": 32},
+        "pretrain.train": {"micro_batch_size": 50_000}})))
+    assert cli.main(["validate", str(spec), "--cluster", p4d]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"{spec}: valid (checked against {p4d})\n"
+    warnings = err.splitlines()
+    assert warnings[0] == (f"warning: resources.num_workers is 32 but {p4d} offers at most 16 GPUs "
+                           "(gpu: 2 nodes x 8 GPUs); lower num_workers to 16 or let the cluster grow to 4 nodes of 8 GPUs")
+    assert warnings[1].startswith("warning: pretrain: estimated ") and "of an A100-40GB" in warnings[1]
+
+    assert cli.main(["validate", str(spec), "--cluster", str(workspace / "no-cluster.yaml")]) == 2
+    assert f"--cluster {workspace / 'no-cluster.yaml'}: " in capsys.readouterr().err

@@ -29,39 +29,16 @@ import resource
 import torch
 
 from elo_ray import storage
-
-
-def layer_matmul_params(config) -> int:
-    """Weight-matrix parameters of one decoder layer (attention + gated MLP)."""
-    d = config.hidden_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    attention = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o; k, v
-    mlp = 3 * d * config.intermediate_size  # gate, up, down
-    return attention + mlp
-
-
-def lora_params_per_layer(config, rank: int) -> int:
-    """Adapter parameters of one layer with LoRA on every linear (r * (in + out) each)."""
-    d = config.hidden_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or d // heads
-    ff = config.intermediate_size
-    shapes = [(d, heads * head_dim), (d, kv * head_dim), (d, kv * head_dim), (heads * head_dim, d),
-              (d, ff), (d, ff), (ff, d)]
-    return sum(rank * (i + o) for i, o in shapes)
+from elo_ray.model_size import dims, layer_matmul_params, lora_params_per_layer
 
 
 def train_flops_per_token(config, method: str, seq_len: int, lora_rank: int = 0) -> int:
     """Model FLOPs of one trained token (forward + backward), as in the module docstring."""
-    layers = config.num_hidden_layers
+    d = dims(config)
+    layers = d.num_layers
     p = layer_matmul_params(config)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    attention = 4 * seq_len * heads * head_dim
-    head = 2 * config.hidden_size * config.vocab_size
+    attention = 4 * seq_len * d.heads * d.head_dim
+    head = 2 * d.hidden * d.vocab
     if method == "full":
         return layers * (3 * 2 * p + 3 * attention) + 3 * head
     if method == "elo":
