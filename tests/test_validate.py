@@ -216,7 +216,7 @@ def test_cli_checks_the_spec_against_a_cluster_file(workspace, capsys):
     spec = workspace / "cluster-check.yaml"
     spec.write_text(yaml.safe_dump(raw_spec(workspace, **{
         "resources": {"use_gpu": True, "num_workers": 32},
-        "pretrain.train": {"micro_batch_size": 50_000}})))
+        "pretrain.train": {"micro_batch_size": 1_000_000}})))
     assert cli.main(["validate", str(spec), "--cluster", p4d]) == 0
     out, err = capsys.readouterr()
     assert out == f"{spec}: valid (checked against {p4d})\n"
