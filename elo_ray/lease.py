@@ -23,8 +23,23 @@ What the driver does with the lease it finds:
   STALE_S, as NTP keeps them);
 - held and alive: stops with `LeaseHeld` (exit 2) naming the holder; `--force-unlock` takes
   over anyway (for a holder known to be gone whose host cannot tell).
-A holder whose heartbeat finds a higher number (it was taken over) or cannot refresh the lease
-for STALE_S - 2 * HEARTBEAT_S interrupts its driver, which stops with `LeaseLost` (exit 1).
+A holder whose heartbeat finds a higher number (it was taken over), finds another driver's
+record under its own number (a store that ignored the condition of the create), or cannot
+refresh the lease for STALE_S - 2 * HEARTBEAT_S interrupts its driver, which stops with
+`LeaseLost` (exit 1).
+
+What is guaranteed where (the create is the whole mechanism):
+- local storage: `link(2)` of a complete file is atomic on a POSIX filesystem, for drivers on
+  one machine or sharing one filesystem that implements it (NFS servers do; a client retrying
+  a lost reply may report EEXIST for its own link, which the token check turns into success);
+- S3: PutObject with If-None-Match: * is atomic on AWS S3 since August 2024: of concurrent
+  creators one gets 200 and the others 412 (or 409 ConditionalRequestConflict, retried). Other
+  S3 stores must implement the header; one that ignores it degrades to "the second driver
+  notices within HEARTBEAT_S and stops";
+- moto's S3 server (the tests): answers both conditions correctly but checks and then writes
+  without a lock, so it proves the protocol, not atomicity (the race test runs on local files);
+- GCS: ifGenerationMatch=0 is atomic by GCS's generation preconditions (412); gcsfs marks its
+  mode="create" experimental and no test here reaches GCS.
 """
 
 from __future__ import annotations
@@ -163,6 +178,10 @@ class Lease:
                 if newer:
                     _, other = current(self.run_uri)
                     return self._lose(f"another driver took the run over ({other.describe() if other else 'unknown'})")
+                mine = Holder(**json.loads(storage.read_text(self.uri)))
+                if mine.token != self.holder.token:  # a store that ignored If-None-Match let it be overwritten
+                    return self._lose(f"another driver overwrote this driver's lease ({mine.describe()}); the "
+                                      "storage does not honour conditional writes")
                 self.holder.heartbeat = _now()
                 storage.write_bytes(self.uri, self.holder.to_json())
                 last_ok = time.monotonic()

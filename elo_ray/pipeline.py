@@ -227,29 +227,33 @@ def _run_stages(run: Run, asked: list[str], stage_fns: dict[str, StageFn]) -> di
         if current is not None:
             log.info(f"{stage}: settings or inputs changed since {current.finished_at}; rerunning")
             manifest.retract(uri)
-        log.info(f"{stage}: starting")
-        started, t0 = _now(), time.perf_counter()
         ctx = StageContext(run=run, stage=stage, config_hash=chash, inputs=inputs)
         try:
-            result = stage_fns[stage](ctx)
+            done[stage] = _run_stage(ctx, stage_fns[stage])
         except Exception as e:
             raise StageError(stage, e) from e
-        seconds = time.perf_counter() - t0
-        metrics = {"seconds": round(seconds, 3), **result.metrics}
-        m = manifest.Manifest(
-            stage=stage,
-            config_hash=chash,
-            inputs={k: v.digest for k, v in inputs.items()},
-            outputs=manifest.describe_outputs(uri, skip_dirs=("ray", "work")),
-            metrics=metrics,
-            started_at=started,
-            finished_at=_now(),
-            uris=result.uris,
-        )
-        manifest.commit(uri, m)
-        done[stage] = m
-        log.info(f"{stage}: complete in {seconds:.1f}s")
     return done
+
+
+def _run_stage(ctx: StageContext, fn: StageFn) -> manifest.Manifest:
+    """Run one stage and commit its manifest (written last)."""
+    log.info(f"{ctx.stage}: starting")
+    started, t0 = _now(), time.perf_counter()
+    result = fn(ctx)
+    seconds = time.perf_counter() - t0
+    m = manifest.Manifest(
+        stage=ctx.stage,
+        config_hash=ctx.config_hash,
+        inputs={k: v.digest for k, v in ctx.inputs.items()},
+        outputs=manifest.describe_outputs(ctx.uri, skip_dirs=("ray", "work")),
+        metrics={"seconds": round(seconds, 3), **result.metrics},
+        started_at=started,
+        finished_at=_now(),
+        uris=result.uris,
+    )
+    manifest.commit(ctx.uri, m)
+    log.info(f"{ctx.stage}: complete in {seconds:.1f}s")
+    return m
 
 
 def run_status(run_uri: str) -> dict[str, dict]:

@@ -150,3 +150,18 @@ def test_a_driver_whose_lease_was_taken_over_stops(tmp_path, monkeypatch):
                 time.sleep(0.01)
     n, holder = lease.current(run_uri)
     assert n == 2 and holder == taker  # the stopped driver left the taker's lease alone
+
+
+def test_a_driver_whose_lease_was_overwritten_stops(tmp_path, monkeypatch):
+    """What a store that ignores If-None-Match allows: another driver's object under this one's number."""
+    run_uri = str(tmp_path / "r1")
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    with pytest.raises(lease.LeaseLost, match=r"another driver overwrote this driver's lease \(host gpu-node-7, pid 4242, "
+                       r".*\); the storage does not honour conditional writes; this driver stopped"):
+        with lease.hold(run_uri) as held:
+            t = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            storage.write_bytes(held.uri, lease.Holder("gpu-node-7", 4242, 0.0, t, t, "other").to_json())
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert lease.current(run_uri)[1].token == "other"
