@@ -110,6 +110,8 @@ class Holder:
             return not (running and abs(proc.create_time() - self.process_started) < 1.0)
         except psutil.NoSuchProcess:
             return True
+        except psutil.AccessDenied:  # a process we may not inspect is running
+            return False
 
     def describe(self) -> str:
         return (f"host {self.host}, pid {self.pid}, since {self.since}, last heartbeat {self.heartbeat} "

@@ -1,6 +1,6 @@
 """How `elo-ray run` ends: one last line `run stopped: STAGE: message`, exit 2 for bad input and 1
 for a failure, no traceback unless --debug. Stages are fakes raising each kind of error, through
-the real CLI entry point, spec validation and pipeline; one case runs the real merge stage on Ray."""
+the real CLI entry point, spec validation and pipeline."""
 
 from __future__ import annotations
 
@@ -153,21 +153,6 @@ def test_a_run_that_cannot_start_names_no_stage(fake_stages, workspace, tmp_path
     assert code == 2
     assert err.splitlines()[-1] == ("run stopped: stage(s) ['instruct'] are disabled in the spec; "
                                     "enable them with --set instruct.enabled=true")
-
-
-def test_a_surgery_error_in_a_real_ray_task_is_unwrapped(ray_local, workspace, tmp_path, capsys):
-    """The real merge stage, as a Ray task, on a pretrain output that is no checkpoint."""
-    from elo_ray.config import load_spec
-
-    spec_path = write_spec(workspace, tmp_path)
-    pipeline.run_pipeline(load_spec(spec_path), "real", {"pretrain": fake_stage("pretrain")}, stages=["pretrain"])
-    code, err = run(["run", spec_path, "--run-id", "real", "--stages", "merge"], capsys)
-    model = tmp_path / "runs" / "real" / "pretrain" / "model"
-    assert code == 2
-    assert err.splitlines()[-1] == (
-        f"run stopped: merge: no config.json in {model}; a Hugging Face checkpoint holds config.json and "
-        "*.safetensors (write one with save_pretrained)")
-    assert "Traceback" not in err
 
 
 def test_a_run_held_by_another_driver_stops_with_exit_2_naming_it(fake_stages, workspace, tmp_path, capsys):
