@@ -211,8 +211,8 @@ def _plan(cfg: DataConfig | ChatDataConfig, tokenizer, world_size: int) -> Strea
     shares = require_valid_sources(cfg)
     units = units_by_language(cfg.sources, cfg.seq_len)
     held = heldout_documents(cfg, units, kind)
-    job = ReadJob(kind, _ray_put(encoder), cfg.seq_len, cfg.on_bad_record,
-                  frozenset(doc_key(d) for docs in held.values() for d in docs))
+    job = ReadJob(kind=kind, encoder=_ray_put(encoder), seq_len=cfg.seq_len, on_bad_record=cfg.on_bad_record,
+                  heldout=frozenset(doc_key(d) for docs in held.values() for d in docs))
     corpus = _count(units, shares, job)
     report = _report(cfg, kind, corpus, shares)
     available = {lang: report[lang]["sequences"] // world_size for lang in corpus}
@@ -228,8 +228,9 @@ def _plan(cfg: DataConfig | ChatDataConfig, tokenizer, world_size: int) -> Strea
         world_size=world_size, seed=cfg.seed, repeat=budget.repeat,
     )
     plan = StreamPlan(
-        dict(datasets.values()), _split_config([name for name, _ in datasets.values()]), reader, sorted(corpus),
-        shares, budget.quotas, world_size, cfg.seq_len, report, [budget.note] if budget.note else [], units,
+        datasets=dict(datasets.values()), dataset_config=_split_config([name for name, _ in datasets.values()]),
+        reader=reader, languages=sorted(corpus), weights=shares, quotas=budget.quotas, world_size=world_size,
+        seq_len=cfg.seq_len, report=report, notes=[budget.note] if budget.note else [], units=units,
     )
     log.info("data: " + plan.summary())
     return plan
