@@ -57,12 +57,30 @@ def s3_bucket(s3_endpoint) -> str:
     return f"s3://{name}"
 
 
+def _free_dashboard_agent_port() -> None:
+    """Give this session's local Ray a free dashboard agent port.
+
+    Ray 2.60 starts every local instance's dashboard agent on port 52365, and `ray.init` cannot
+    change that: while another Ray runs on the machine (another checkout's tests, a benchmark),
+    a second one fails to start ("address already in use", then the raylet's startup times out).
+    """
+    import inspect
+
+    from ray._private.parameter import RayParams
+
+    names = [p.name for p in inspect.signature(RayParams.__init__).parameters.values() if p.default is not p.empty]
+    defaults = list(RayParams.__init__.__defaults__)
+    defaults[names.index("dashboard_agent_listen_port")] = _free_port()
+    RayParams.__init__.__defaults__ = tuple(defaults)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the session with this machine's 2 CPUs."""
     import ray
 
     if not ray.is_initialized():
+        _free_dashboard_agent_port()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
