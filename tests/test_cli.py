@@ -1,6 +1,6 @@
 """How `elo-ray run` ends: one last line `run stopped: STAGE: message`, exit 2 for bad input and 1
 for a failure, no traceback unless --debug. Stages are fakes raising each kind of error, through
-the real CLI entry point, spec validation and pipeline."""
+the real CLI entry point, spec validation and pipeline; one case runs the real merge stage on Ray."""
 
 from __future__ import annotations
 
@@ -73,6 +73,9 @@ def fake_stages(monkeypatch):
     for name in pipeline.STAGE_ORDER:
         monkeypatch.setitem(stages.STAGES, name, fake_stage(name))
     return lambda name, error: monkeypatch.setitem(stages.STAGES, name, raising(error))
+
+
+RAY_LOG_LINE = re.compile(r"^(\x1b\[\d+m)?\((\w+ )?pid=\d+")
 
 
 def run(args: list[str], capsys) -> tuple[int, str]:
@@ -184,3 +187,19 @@ def test_a_second_driver_process_on_s3_exits_2_naming_the_holder(workspace, tmp_
     assert last.startswith(f"run stopped: run {run_uri} is held by another driver: host {held.holder.host}, "
                            f"pid {os.getpid()}, since {held.holder.since}, last heartbeat ")
     assert not storage.exists(f"{run_uri}/spec.yaml")
+
+
+def test_a_surgery_error_in_a_real_ray_task_is_unwrapped(ray_local, workspace, tmp_path, capsys):
+    """The real merge stage, as a Ray task, on a pretrain output that is no checkpoint."""
+    from elo_ray.config import load_spec
+
+    spec_path = write_spec(workspace, tmp_path)
+    pipeline.run_pipeline(load_spec(spec_path), "real", {"pretrain": fake_stage("pretrain")}, stages=["pretrain"])
+    code, err = run(["run", spec_path, "--run-id", "real", "--stages", "merge"], capsys)
+    model = tmp_path / "runs" / "real" / "pretrain" / "model"
+    assert code == 2
+    ours = [line for line in err.splitlines() if not RAY_LOG_LINE.match(line)]  # Ray forwards its workers' logs
+    assert ours[-1] == (
+        f"run stopped: merge: no config.json in {model}; a Hugging Face checkpoint holds config.json and "
+        "*.safetensors (write one with save_pretrained)")
+    assert "elo_ray/pipeline.py" not in err  # no traceback of the driver's
