@@ -114,6 +114,25 @@ class TrainConfig(Config):
     )
     lora_rank: int = Field(16, gt=0, description="LoRA rank (method lora).")
     lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method lora).")
+    loss: Literal["auto", "plain", "chunked", "liger"] = Field(
+        "auto",
+        description="How the head's cross-entropy is computed (elo_ray/train/loss.py). chunked: head and "
+        "loss over chunks of loss_chunk_tokens, so the [tokens, vocab] fp32 logits never exist at once; "
+        "liger: liger-kernel's fused kernel (GPU, extra 'gpu'); plain: the model's full logits. "
+        "auto: liger on GPU where installed, else chunked. All give the same loss and gradients.",
+    )
+    loss_chunk_tokens: int = Field(
+        1024, gt=0, description="Tokens per chunk of the chunked loss (1024 x a 128K vocabulary: 0.5 GB of fp32 logits)."
+    )
+    frozen_params: Literal["replicate", "shard"] = Field(
+        "replicate",
+        description="Frozen embedding, final norm and head (elo, lora): replicate keeps one copy per worker "
+        "in the compute dtype outside FSDP, never gathered or cast; shard lets FSDP shard them like the "
+        "trained layers (less memory at rest, an all-gather and a cast every step).",
+    )
+    compile_layers: bool = Field(
+        False, description="torch.compile each decoder layer's forward (compiles on the first steps)."
+    )
 
 
 class ResourcesConfig(Config):

@@ -8,8 +8,9 @@ shapes are known up front), then the tensors' bytes in the same order; outputs a
 The files are staged beside `output_uri` and committed when complete, config.json last
 (`hf_checkpoint.CheckpointWriter`), so a failed export leaves the earlier output as it was.
 
-What is written: each tensor in the dtype the input checkpoint stored it in; LoRA adapters merged
-into their base weights (W + scale * B A); config.json (an ELO model keeps its `elo_layers`) and
+What is written: each tensor in the dtype the input checkpoint stored it in; frozen parameters
+as the input checkpoint stored them, read from it (they never change, and a rank may hold them
+in its compute dtype only); LoRA adapters merged into their base weights (W + scale * B A); config.json (an ELO model keeps its `elo_layers`) and
 generation config and tokenizer files copied from beside the input checkpoint.
 """
 
@@ -77,6 +78,9 @@ def entries(model: nn.Module, source: CheckpointReader) -> list[Entry]:
                 return _full(p.detach()) + (b @ a) * layer.scaling[adapter]
 
             out.append(Entry(key, list(param.shape), dtype, merged))
+        elif not param.requires_grad and key in source:
+            # Frozen: the input checkpoint's tensor as stored (the model may hold it in bf16).
+            out.append(Entry(key, list(param.shape), dtype, lambda key=key: source.rows(key, 0, (source.shape(key) or [0])[0])))
         else:
             out.append(Entry(key, list(param.shape), dtype, lambda p=param: _full(p.detach())))
     return out

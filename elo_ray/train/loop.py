@@ -174,7 +174,8 @@ class Worker:
             for lang, n in b.get("tokens", {}).items():
                 self.lang_tokens[lang] += int(n)
         self.lr = self.scheduler.get_last_lr()[0]
-        r = train_step(self.model, self.optimizer, micro, stats, self.train.grad_clip, self.device, self.world)
+        r = train_step(self.model, self.optimizer, micro, stats, self.train.grad_clip, self.device, self.world,
+                       self.stage.loss)
         if not r.finite:
             kept = (f"the last good checkpoint is step {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was saved before it")

@@ -3,7 +3,9 @@
 The model is built with its parameters on the meta device (buffers real, so that rotary
 tables and the like keep their computed values), sharded with `fully_shard` per decoder layer
 and then the root, and only then materialised: each rank reads from the safetensors files just
-the rows of each tensor that it owns. No rank ever holds the whole model.
+the rows of each tensor that it owns. No rank ever holds the whole model; frozen parameters
+outside the decoder layers (ELO's embedding, norm and head) are held whole by every rank in the
+compute dtype unless `TrainConfig.frozen_params` is shard (see `shard`).
 
 Which parameters train (`TrainConfig.method`):
 - elo:  the decoder layers (`model.layers.*`) of a detached ELO model; embedding, final norm
@@ -15,6 +17,7 @@ Which parameters train (`TrainConfig.method`):
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +26,7 @@ import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -168,8 +172,30 @@ def mixed_precision(precision: str, device: torch.device):
     return None
 
 
-def shard(model: nn.Module, mesh, mp_policy) -> None:
-    """FSDP2: one unit per decoder layer, then the root (embedding, norm, head)."""
+def frozen_outside_layers(model: nn.Module) -> list[nn.Parameter]:
+    """Frozen parameters that no decoder layer holds: ELO's and LoRA's embedding, final norm, head."""
+    in_layers = {id(p) for p in decoder_layers(model).parameters()}
+    return [p for p in model.parameters() if not p.requires_grad and id(p) not in in_layers]
+
+
+def _recast_on_meta(model: nn.Module, params: list[nn.Parameter], dtype: torch.dtype) -> list[nn.Parameter]:
+    """Replace `params` (on meta) by `dtype` ones in every module that holds them (ties stay tied)."""
+    new = {id(p): nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False) for p in params}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in new:
+                module._parameters[name] = new[id(p)]
+    return list(new.values())
+
+
+def shard(model: nn.Module, mesh, mp_policy, frozen: str = "replicate") -> None:
+    """FSDP2: one unit per decoder layer, then the root (embedding, norm, head).
+
+    frozen="replicate" keeps the frozen parameters outside the decoder layers out of FSDP: every
+    rank holds them whole in the compute dtype, so no step gathers or casts them (at the 8B shape
+    the embedding and head are 1.05B parameters: 2.1 GB in bf16 per GPU, about what FSDP holds
+    of them gathered during a step anyway). They are read whole from the checkpoint, never
+    checkpointed, and exported from the input checkpoint byte for byte (export.py)."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": mesh}
@@ -177,7 +203,17 @@ def shard(model: nn.Module, mesh, mp_policy) -> None:
         kwargs["mp_policy"] = mp_policy
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
-    fully_shard(model, **kwargs)
+    ignored = frozen_outside_layers(model) if frozen == "replicate" else []
+    if ignored and mp_policy is not None:
+        ignored = _recast_on_meta(model, ignored, mp_policy.param_dtype)
+    fully_shard(model, ignored_params=set(ignored) or None, **kwargs)
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer's forward; FSDP2's hooks (around forward) stay eager, and
+    parameter names do not change."""
+    for layer in decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, backend=backend)
 
 
 @contextlib.contextmanager
@@ -213,11 +249,26 @@ def _lora_init(name: str, shape: torch.Size, seed: int) -> torch.Tensor:
     return full
 
 
+def _tied_holders(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """(module, name) of every holder of each parameter held more than once (tied embeddings)."""
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((module, name))
+    return [h for h in holders.values() if len(h) > 1]
+
+
 @torch.no_grad()
 def materialise(model: nn.Module, model_dir: str, device: torch.device, seed: int) -> None:
     """Allocate the sharded parameters on `device` and fill each rank's rows from the checkpoint."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    tied = _tied_holders(model)
     model.to_empty(device=device)
+    for holders in tied:  # to_empty gives each holder of a parameter outside FSDP its own copy
+        first = holders[0][0]._parameters[holders[0][1]]
+        for module, name in holders[1:]:
+            module._parameters[name] = first
     for name, buf in model.named_buffers():
         buf.copy_(buffers[name])
     with checkpoint_reader(model_dir) as source:
@@ -245,13 +296,23 @@ class StageModel:
     config: object
     trainable: list[str]
     num_layers: int
+    loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # summed loss of a micro-batch
 
 
 def build(model_dir: str, train: TrainConfig, device: torch.device, mesh) -> StageModel:
     """The stage's model, sharded over `mesh`, with weights from `model_dir`."""
+    from elo_ray.train import loss
+
+    try:
+        impl = loss.resolve(train.loss, device)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     config = read_config(model_dir)
     model = build_meta(config, train)
-    shard(model, mesh, mixed_precision(train.precision, device))
+    if train.compile_layers:
+        compile_layers(model)
+    shard(model, mesh, mixed_precision(train.precision, device), train.frozen_params)
     materialise(model, model_dir, device, train.seed)
     model.train()
-    return StageModel(model, config, trainable_names(model), len(decoder_layers(model)))
+    stage_loss = functools.partial(loss.summed_loss, impl=impl, chunk_tokens=train.loss_chunk_tokens)
+    return StageModel(model, config, trainable_names(model), len(decoder_layers(model)), stage_loss)

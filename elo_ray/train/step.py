@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from elo_ray.train.errors import TrainingError
 from elo_ray.train.reader import Batch
+
+# (model, input_ids, targets) -> the summed loss over the targets that are not -100
+Loss = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -66,9 +69,10 @@ def check_batches(micro: list[Batch], config, step: int, device: torch.device) -
 
 
 def train_step(model, optimizer, micro: list[Batch], stats: BatchStats, grad_clip: float | None,
-               device: torch.device, world: int) -> StepResult:
+               device: torch.device, world: int, loss: Loss) -> StepResult:
     """Forward/backward over the micro-batches, clip, and the optimizer update (skipped when the
-    loss or the gradient norm is not finite). Collective: every rank calls it. One host sync (the
+    loss or the gradient norm is not finite). `loss(model, input_ids, targets)` is the summed
+    loss of a micro-batch (`StageModel.loss`). Collective: every rank calls it. One host sync (the
     loss and the norm together), so the GPU is not left waiting between kernels."""
     # FSDP averages gradients over ranks; this scale makes the result the mean over all label tokens.
     scale = world / max(stats.label_tokens, 1)
@@ -78,8 +82,7 @@ def train_step(model, optimizer, micro: list[Batch], stats: BatchStats, grad_cli
         labels = b["labels"].to(device, non_blocking=True)
         # Predict token i+1 at position i; the last position has nothing to predict.
         targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-        logits = model(input_ids=input_ids).logits
-        summed = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        summed = loss(model, input_ids, targets)
         (summed * scale).backward()
         loss_sum += summed.detach()
     dist.all_reduce(loss_sum)
