@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that this project tests against; GPU images bring their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench clean offline-archive
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
+
+# Ray and what a PyTorch GPU image lacks, for hosts without a package index (scripts/offline_archive.py).
+OFFLINE_PYTHON ?= 3.12
+offline-archive: $(VENV)/.installed
+	$(PY) scripts/offline_archive.py --python-version $(OFFLINE_PYTHON)
 
 clean:
 	rm -rf $(VENV) work
