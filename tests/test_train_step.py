@@ -4,7 +4,6 @@ trained weights as when FSDP shards them), their export as stored, and compiled 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

@@ -80,7 +80,7 @@ def entries(model: nn.Module, source: CheckpointReader) -> list[Entry]:
             out.append(Entry(key, list(param.shape), dtype, merged))
         elif not param.requires_grad and key in source:
             # Frozen: the input checkpoint's tensor as stored (the model may hold it in bf16).
-            out.append(Entry(key, list(param.shape), dtype, lambda key=key: source.rows(key, 0, (source.shape(key) or [0])[0])))
+            out.append(Entry(key, list(param.shape), dtype, lambda key=key: source.read(key)))
         else:
             out.append(Entry(key, list(param.shape), dtype, lambda p=param: _full(p.detach())))
     return out
