@@ -1,28 +1,31 @@
-"""The paper's claims in miniature, on real text nobody here wrote (issue #7).
+"""The paper's claims in miniature, on real text nobody here wrote (issues #7, #16).
 
-    .venv/bin/python benchmarks/replicate.py                 # the default: under an hour on 2 CPU cores
-    .venv/bin/python benchmarks/replicate.py --smoke         # a few pages, a tiny model, a few steps
-    .venv/bin/python benchmarks/replicate.py --size medium --device cuda   # larger, on a GPU
+    .venv/bin/python benchmarks/replicate.py                 # the paper's comparison, under an hour on 2 CPU cores
+    .venv/bin/python benchmarks/replicate.py --matrix all    # every published row (a few hours, resumable)
+    .venv/bin/python benchmarks/replicate.py --methods elo --set elo_lr=1e-4   # one row
+    .venv/bin/python benchmarks/replicate.py --smoke --target de               # a few pages, a tiny model
+    .venv/bin/python benchmarks/replicate.py --size medium --device cuda       # larger, on a GPU
 
-1. Corpus: English and Japanese from Debian's manual pages (`manpages`, `manpages-dev`,
-   `manpages-ja`; installed with apt-get when missing), rendered to text, cut into sections,
-   deduplicated, written as JSONL with held-out pages per language.
+1. Corpus: English and the target language (`--target`, default ja) from Debian's manual pages
+   (`manpages`, `manpages-dev`, `manpages-LANG`; installed with apt-get when missing), rendered
+   to text, cut into sections, untranslated ones dropped, deduplicated, written as JSONL with
+   held-out pages per language.
 2. Base model: a Llama-shaped model pretrained from scratch on the English text with elo-ray's
    own engine (full training), with a tokenizer trained on both languages.
-3. Comparison at the same token budget, one run, same machine: full fine-tuning, LoRA, ELO
-   (first + last layers) without and with alignment, ELO on the two middle layers.
-4. Output under `--out` (default results/replicate/): results.json, results.md, perplexity.png,
-   time.png, loss.png; the table and plots are copied to benchmarks/results/ (not for --smoke).
+3. Rows: a method (full fine-tuning, LoRA, ELO on first + last layers without and with
+   alignment, ELO on the two middle layers) under a setting of the preset (`--set`), each from
+   its base at the same token budget. Rows are appended to results.json as they finish and a
+   rerun skips the rows already there.
+4. Output under `--out` (default results/replicate/SIZE-TARGET/): results.json, results.md and
+   plots; the table and plots are copied to benchmarks/results/ (not for --smoke).
 
-The corpus, tokenizer and base model are reused by a rerun with the same settings (`--fresh`
-rebuilds them); every compared method always trains from scratch. See benchmarks/README.md.
+The corpus, tokenizer and base models are reused by a rerun with the same settings (`--fresh`
+rebuilds them and starts results.json anew). See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import difflib
 import json
 import os
 import shutil
@@ -34,11 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the `replicate` package beside this file
 
-from replicate import report  # noqa: E402
+from replicate import languages, report  # noqa: E402
 from replicate.corpus import log  # noqa: E402
-from replicate.experiment import SIZES, Experiment, Size, machine_info  # noqa: E402
+from replicate.experiment import SIZES, Experiment, machine_info  # noqa: E402
+from replicate.methods import METHODS, MethodOptions  # noqa: E402
+from replicate.rows import MATRICES, ResultsStore, Row, changes_from, command, row_key  # noqa: E402
 
-METHODS = ("full", "lora", "elo", "elo-middle")
 PUBLISHED = ROOT / "benchmarks" / "results"
 
 
@@ -46,45 +50,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="small", help="scale preset (default: small, for 2 CPU cores)")
     p.add_argument("--smoke", action="store_true", help="the smallest setting (same as --size smoke); never published")
+    p.add_argument("--target", default="ja", help="the target language: a Debian manpages-LANG code "
+                   f"(default ja; {', '.join(sorted(languages.TARGETS))})")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where training and evaluation run")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "replicate", help="results folder")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/replicate/SIZE-TARGET)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated rows to run under --set: {', '.join(METHODS)} (default: --matrix paper)")
+    p.add_argument("--matrix", choices=sorted(MATRICES), default=None,
+                   help="a published list of rows (paper: the four methods; ratio: the English:target sweep; "
+                   "english: the English question; all: every one)")
     p.add_argument("--middle-layers", default=None, help="the middle pair for elo-middle, e.g. 5,6 (default: the two middle layers)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a field of the size preset, e.g. --set cp_tokens=100000 (repeatable)")
+                   help="override a field of the size preset for every row, e.g. --set elo_lr=1e-4 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray (default: all)")
-    p.add_argument("--fresh", action="store_true", help="rebuild the tokenizer and base model even if settings match")
+    p.add_argument("--fresh", action="store_true",
+                   help="remove the tokenizers, base models and results.json under --out first (the corpus is rebuilt "
+                   "only when its settings change)")
+    p.add_argument("--rerun", action="store_true", help="run the asked rows again even if results.json has them")
     p.add_argument("--no-publish", action="store_true", help="do not copy the table and plots to benchmarks/results/")
     p.add_argument("--report-only", action="store_true", help="redraw the table and plots from --out/results.json")
     args = p.parse_args(argv)
     if args.smoke:
         args.size = "smoke"
-    unknown = set(args.methods.split(",")) - set(METHODS)
+    try:
+        languages.target(args.target)
+    except ValueError as e:
+        p.error(str(e))
+    if args.methods and args.matrix:
+        p.error("--methods and --matrix: choose one (a matrix names its own methods)")
+    methods = args.methods.split(",") if args.methods else None
+    unknown = set(methods or ()) - set(METHODS)
     if unknown:
         p.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    rows = [Row(m) for m in methods] if methods else MATRICES[args.matrix or "paper"]
+    args.rows = [Row(r.method, (*r.overrides, *args.overrides)) for r in rows]
     try:
-        args.size_config = with_overrides(SIZES[args.size], args.overrides)
+        for row in args.rows:
+            row.size(SIZES[args.size])
     except ValueError as e:
         p.error(f"--set: {e}")
+    args.middle = tuple(int(x) for x in args.middle_layers.split(",")) if args.middle_layers else None
+    args.out = (args.out or ROOT / "results" / "replicate" / f"{args.size}-{args.target}").resolve()
     return args
-
-
-def with_overrides(size: Size, overrides: list[str]) -> Size:
-    """`size` with `FIELD=VALUE` overrides, each value parsed as the field's type."""
-    fields = {f.name: f for f in dataclasses.fields(size)}
-    changes = {}
-    for item in overrides:
-        name, sep, raw = item.partition("=")
-        if not sep or name not in fields:
-            close = difflib.get_close_matches(name, fields, n=1)
-            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of the preset's fields"
-                             + (f"; did you mean {close[0]}?" if close else f" ({', '.join(fields)})"))
-        current = getattr(size, name)
-        kind = type(current) if current is not None else int
-        changes[name] = None if raw.lower() == "none" else kind(float(raw)) if kind is int else kind(raw)
-    return dataclasses.replace(size, **changes)
 
 
 def start_ray(args: argparse.Namespace) -> None:
@@ -100,8 +108,19 @@ def start_ray(args: argparse.Namespace) -> None:
 
     logs.configure()  # elo-ray's progress lines, here and (the level carried along) in the workers
     # "local": always a Ray of our own, never a cluster some other process started on this machine.
-    ray.init(address="local", num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0, include_dashboard=False,
-             logging_config=ray.LoggingConfig(log_level="WARNING"))
+    # On a loaded machine (load 30 on 2 cores, many Ray instances) the raylet can give up waiting
+    # for its metrics agent ("Timed out waiting for file .../metrics_agent_port_...") and ray.init
+    # fails with "The current node timed out during startup"; a later attempt usually starts.
+    for attempt in range(1, 6):
+        try:
+            ray.init(address="local", num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0,
+                     include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == 5:
+                raise
+            log(f"Ray did not start (attempt {attempt} of 5: {e}); trying again")
+            ray.shutdown()
 
 
 def publish(paths: list[Path], results_json: Path) -> None:
@@ -111,60 +130,81 @@ def publish(paths: list[Path], results_json: Path) -> None:
     log(f"published the table and plots to {PUBLISHED.relative_to(ROOT)}/")
 
 
+def run_rows(args: argparse.Namespace, store: ResultsStore) -> None:
+    """Every asked row not yet in `store`, in order; each row's Experiment shares the corpus,
+    tokenizer and (where the settings match) the base model with the others."""
+    preset = SIZES[args.size]
+    experiments: dict = {}
+    ray_started = False
+    for row in args.rows:
+        size = row.size(preset)
+        changes = changes_from(preset, size)
+        middle = args.middle if row.method == "elo-middle" else None
+        key = row_key(row.method, changes, middle)
+        cmd = command(store.data, row.method, changes, middle)
+        if store.has(key) and not args.rerun:
+            log(f"row done already, skipped: {cmd}")
+            continue
+        log(f"row: {cmd}")
+        if size not in experiments:
+            exp = Experiment(args.out, size, target=args.target, size_name=args.size, device=args.device,
+                             seed=args.seed)
+            exp.info.update(machine_info(args.device))
+            exp.prepare()
+            experiments[size] = exp
+        exp = experiments[size]
+        if not ray_started:
+            start_ray(args)
+            ray_started = True
+        store.data["corpus"] = {lang: c.stats for lang, c in exp.corpus.items()}
+        store.data["info"].update({k: exp.info[k] for k in ("corpus_tokens", "eval_tokens", "cpus", "torch",
+                                                              "platform") if k in exp.info})
+        store.data["info"]["vocab_size"] = len(json.loads((exp.tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
+        base = exp.pretrain_base()
+        store.add_base(base)
+        load_start, began = list(os.getloadavg()), time.perf_counter()
+        result = METHODS[row.method](exp, MethodOptions(middle_layers=middle))
+        store.add_row({
+            "key": key, "method": row.method, "changes": changes, "command": cmd, "base": base["key"],
+            "size": asdict(size), "result": asdict(result), "commit": exp.info.get("elo_ray_commit"),
+            "load_average_at_start": load_start, "load_average_at_end": list(os.getloadavg()),
+            "wall_s": time.perf_counter() - began, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        })
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    out: Path = args.out.resolve()
+    out: Path = args.out
     results_json = out / "results.json"
+    publish_ok = args.size != "smoke" and not args.no_publish
     if args.report_only:
         results = json.loads(results_json.read_text())
         paths = report.write(results, out)
-        if results["size_name"] != "smoke" and not args.no_publish:
+        if publish_ok:
             publish(paths, results_json)
         return 0
 
     began = time.perf_counter()
-    size = args.size_config
-    methods = args.methods.split(",")
-    middle = tuple(int(x) for x in args.middle_layers.split(",")) if args.middle_layers else size.middle_pair
-    exp = Experiment(out, size, size_name=args.size, device=args.device, seed=args.seed, fresh=args.fresh)
-    exp.info.update(machine_info(args.device))
-    log(f"size {args.size} on {args.device}; results in {out}")
-
-    exp.prepare_corpus()
-    exp.train_tokenizer()
-    exp.count_tokens()
-    exp.load_heldout()
-    start_ray(args)
-
-    base_run = exp.pretrain_base()
-    base_ppl = exp.perplexity(exp.base_dir)
-    results = {
-        "size_name": args.size, "size": asdict(size), "device": args.device,
-        "command": " ".join(["benchmarks/replicate.py", *(argv if argv is not None else sys.argv[1:])]),
-        "overrides": args.overrides,
-        "device_name": exp.info.get("gpu") or f"{exp.info['cpus']} CPU cores",
-        "corpus": {lang: c.stats for lang, c in exp.corpus.items()},
-        "base": {"params": exp.trainable_params(exp.base_dir, "full"), "run": asdict(base_run), "perplexity": base_ppl},
-        "methods": [], "info": exp.info,
-    }
-    exp.info["vocab_size"] = len(json.loads((exp.tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
-
-    for name in methods:
-        if name in ("full", "lora"):
-            res = exp.run_full_or_lora(name)
-        else:
-            res = exp.run_elo((0, size.num_layers - 1) if name == "elo" else middle)
-        results["methods"].append(asdict(res))
-        results_json.write_text(json.dumps(results, indent=1))  # a crash later keeps what finished
-
-    exp.info["load_average_at_end"] = os.getloadavg()
-    exp.info["total_s"] = time.perf_counter() - began
-    results_json.write_text(json.dumps(results, indent=1))
-    paths = report.write(results, out)
-    print(report.markdown(results), flush=True)
-    if args.size != "smoke" and not args.no_publish:
+    header = {"size_name": args.size, "target": args.target, "device": args.device, "seed": args.seed}
+    if args.fresh:
+        for path in (out / "tokenizer", out / "bases"):
+            shutil.rmtree(path, ignore_errors=True)
+        results_json.unlink(missing_ok=True)
+    try:
+        store = ResultsStore(results_json, header)
+    except ValueError as e:
+        log(f"error: {e}")
+        return 2
+    log(f"size {args.size}, target {args.target}, on {args.device}; {len(args.rows)} rows; results in {out}")
+    store.data["device_name"] = machine_info(args.device).get("gpu") or f"{os.cpu_count()} CPU cores"
+    run_rows(args, store)
+    store.data["info"]["last_invocation_s"] = time.perf_counter() - began
+    store.save()
+    paths = report.write(store.data, out)
+    print(report.markdown(store.data), flush=True)
+    if publish_ok:
         publish(paths, results_json)
-    log(f"done in {exp.info['total_s']:.0f}s: {', '.join(str(p) for p in [results_json, *paths])}")
+    log(f"done in {time.perf_counter() - began:.0f}s: {', '.join(str(p) for p in [results_json, *paths])}")
     return 0
 
 

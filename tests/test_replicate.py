@@ -1,6 +1,7 @@
-"""benchmarks/replicate.py: the corpus rules, the report, and its smallest setting end to end.
+"""benchmarks/replicate.py: the corpus and language rules, rows and their results file, the
+report, and its smallest setting end to end for two target languages.
 
-The end-to-end test runs `replicate.py --smoke` in a subprocess (its own local Ray), on a few
+The end-to-end tests run `replicate.py --smoke` in a subprocess (its own local Ray), on a few
 real manual pages, so the benchmark cannot silently rot; the numbers it produces are not
 checked for quality, only for being what the stages say they are.
 """
@@ -21,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from replicate import corpus, report  # noqa: E402
+from replicate import corpus, languages, report, rows  # noqa: E402
 from replicate.experiment import SIZES  # noqa: E402
 
 # What `man --nh --nj -l ... | col -bx` prints for a page: header, sections at column 0, footer.
@@ -71,11 +72,37 @@ def test_short_sections_join_the_next_and_a_short_tail_joins_the_last():
     assert "".join(corpus.documents(RENDERED, min_chars=10**6)).count("NAME") == 1
 
 
-def test_japanese_share_counts_kana_and_kanji_among_letters():
-    assert corpus.ja_share("ファイルを開く") == 1.0
-    assert corpus.ja_share("open a file") == 0.0
-    assert corpus.ja_share("open() はファイルを開く") == pytest.approx(8 / 12)  # 8 kana/kanji of 12 letters
-    assert corpus.ja_share("1234 ...") == 0.0
+def test_script_share_counts_the_target_script_among_letters():
+    ja = "kana and kanji"
+    assert languages.script_share("ファイルを開く", ja) == 1.0
+    assert languages.script_share("open a file", ja) == 0.0
+    assert languages.script_share("open() はファイルを開く", ja) == pytest.approx(8 / 12)  # 8 kana/kanji of 12 letters
+    assert languages.script_share("1234 ...", ja) == 0.0
+    assert languages.script_share("open() открывает файл", "Cyrillic") == pytest.approx(13 / 17)
+    assert languages.script_share("open() 打开文件", "Han") == pytest.approx(4 / 8)
+
+
+def test_target_documents_pass_by_script_share_or_language_identification():
+    ja, ru, de, fr = (languages.target(c) for c in ("ja", "ru", "de", "fr"))
+    assert languages.is_target_text("open() はパス名で指定されたファイルを開く。", ja)
+    assert not languages.is_target_text("The open() system call opens the file specified by pathname.", ja)
+    assert languages.is_target_text("Системный вызов open() открывает файл, указанный в pathname.", ru)
+    # Latin letters cannot tell German from English; the identifier can.
+    assert languages.is_target_text("Der Systemaufruf open() öffnet die durch pathname angegebene Datei.", de)
+    assert not languages.is_target_text("The open() system call opens the file specified by pathname.", de)
+    assert languages.is_target_text("L'appel système open() ouvre le fichier indiqué par pathname.", fr)
+    assert languages.rule(ja) == "20% of letters in kana and kanji"
+    assert languages.rule(de) == "py3langid: de rather than en"
+
+
+def test_targets_are_debian_packages_and_unknown_codes_say_which_exist():
+    assert languages.target("zh_CN").package == "manpages-zh" and languages.target("zh_CN").man_dir == "zh_CN"
+    assert languages.target("pt_BR").package == "manpages-pt-br" and languages.target("pt_BR").langid_code == "pt"
+    assert languages.target("de").package == "manpages-de" and languages.target("de").script is None
+    with pytest.raises(ValueError, match=r"--target 'zh': not a target language; did you mean zh_CN\?.*: cs, da, de"):
+        languages.target("zh")
+    with pytest.raises(ValueError, match=r"--target 'xx': not a target language \(targets"):
+        languages.target("xx")
 
 
 def test_heldout_pages_are_a_stable_hash_of_the_name():
@@ -94,23 +121,47 @@ def _stage(stage, wall, loop=None, tokens=0):
             "tokens_by_language": {}}
 
 
+def _row(method, changes, result, base="b1"):
+    size = {**SIZES["small"].__dict__, **changes}
+    return {"key": rows.row_key(method, changes), "method": method, "changes": changes, "base": base, "size": size,
+            "command": rows.command({"size_name": "small", "target": "ja", "device": "cpu", "seed": 0}, method, changes),
+            "result": result}
+
+
+def _full(en, ja):
+    return {"name": "full", "kind": "full", "layers": None, "trainable_params": 12_900_000,
+            "stages": [_stage("cp", 400, 300, 300_000)], "perplexity": {"full": {"en": en, "ja": ja}}}
+
+
+def _elo(en, ja, no_align=(40.0, 150.0)):
+    return {"name": "elo (0, 11)", "kind": "elo", "layers": [0, 11], "trainable_params": 1_500_000,
+            "stages": [_stage("detach", 1), _stage("pretrain", 70, 50, 270_000), _stage("merge", 1),
+                       _stage("align", 29, 25, 30_000)],
+            "perplexity": {"elo (0, 11) no align": dict(zip(("en", "ja"), no_align)),
+                           "elo (0, 11) + align": {"en": en, "ja": ja}}}
+
+
 def _results():
-    ppl = lambda en, ja: {"en": en, "ja": ja}  # noqa: E731
+    base = lambda key, en, ja, **size: {"key": key, "params": 12_900_000, "run": _stage("base", 500, 450, 900_000),  # noqa: E731
+                                        "perplexity": {"en": en, "ja": ja},
+                                        "settings": {"size": {"num_layers": 12, "base_target_share": 0.0, **size}}}
     return {
-        "size_name": "small", "size": {**SIZES["small"].__dict__}, "device": "cpu", "device_name": "2 CPU cores",
-        "corpus": {lang: {"pages": 10, "train_docs": 9, "heldout_docs": 1, "packages": {"p": "1"}} for lang in ("en", "ja")},
+        "size_name": "small", "target": "ja", "device": "cpu", "seed": 0, "device_name": "2 CPU cores",
+        "corpus": {lang: {"pages": 10, "train_docs": 9, "heldout_docs": 1, "packages": {"p": "1"}, "untranslated": 3,
+                          "filter": None if lang == "en" else "20% of letters in kana and kanji"} for lang in ("en", "ja")},
         "info": {"cpus": 2, "torch": "x", "corpus_tokens": {"en": {"cp": 100, "align": 10, "heldout": 5}},
-                 "eval_tokens": {"en": 5, "ja": 5}, "load_average_at_start": [1, 1, 1], "total_s": 1000},
-        "base": {"params": 12_900_000, "run": _stage("base", 500, 450, 900_000), "perplexity": ppl(30.0, 3000.0)},
-        "methods": [
-            {"name": "full", "kind": "full", "layers": None, "trainable_params": 12_900_000,
-             "stages": [_stage("cp", 400, 300, 300_000)], "perplexity": {"full": ppl(33.0, 60.0)}},
-            {"name": "lora", "kind": "lora", "layers": None, "trainable_params": 500_000,
-             "stages": [_stage("cp", 300, 250, 300_000)], "perplexity": {"lora": ppl(31.0, 200.0)}},
-            {"name": "elo (0, 11)", "kind": "elo", "layers": [0, 11], "trainable_params": 1_500_000,
-             "stages": [_stage("detach", 1), _stage("pretrain", 70, 50, 270_000), _stage("merge", 1),
-                        _stage("align", 29, 25, 30_000)],
-             "perplexity": {"elo (0, 11) no align": ppl(40.0, 150.0), "elo (0, 11) + align": ppl(32.0, 90.0)}},
+                 "eval_tokens": {"en": 5, "ja": 5}},
+        "bases": {"b1": base("b1", 30.0, 3000.0), "b2": base("b2", 28.0, 900.0, base_target_share=0.05)},
+        "rows": [
+            _row("full", {}, _full(33.0, 60.0)),
+            _row("lora", {}, {"name": "lora", "kind": "lora", "layers": None, "trainable_params": 500_000,
+                              "stages": [_stage("cp", 300, 250, 300_000)], "perplexity": {"lora": {"en": 31.0, "ja": 200.0}}}),
+            _row("elo", {}, _elo(36.0, 90.0)),
+            _row("elo", {"elo_lr": 1e-4}, _elo(33.0, 150.0)),
+            _row("elo", {"en_share": 0.5}, _elo(31.5, 300.0, no_align=(35.0, 900.0))),
+            _row("full", {"base_target_share": 0.05}, _full(30.8, 50.0), base="b2"),
+            _row("elo", {"base_target_share": 0.05}, _elo(30.8, 100.0), base="b2"),
+            _row("elo", {"num_layers": 24}, _elo(30.0, 100.0)),  # no full row of its own yet
         ],
     }
 
@@ -124,37 +175,89 @@ def test_report_rows_speed_ups_and_plots(tmp_path):
     assert "33.0 (+10%)" in md and "60.0 (-98%)" in md
     assert "| elo (0, 11) | 1.0 |  | 70 | 1.0 | 29 | 101 | 75 | 150 | 3.96x / 4.00x / 4.00x |" in md  # 400/101, 300/75
     paths = report.write(results, tmp_path)
+    assert [p.name for p in paths] == ["results.md", "perplexity.png", "time.png", "loss.png", "ratio.png", "english.png"]
     for p in paths[1:]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_english_question_compares_each_elo_row_with_full_on_its_own_base():
+    md = report.markdown(_results())
+    # preset: ELO +20% English vs full +10%; the target gain kept is ln(3000/90) / ln(3000/60) = 90%.
+    assert "| preset | 30.0 / 3,000 | 33.0 (+10%) | 60.0 (-98%) | 36.0 (+20%) | 90.0 (-97%) | no | 90% |" in md
+    # an ELO-only field keeps the preset's full row as the reference
+    assert "| elo_lr=0.0001 | 30.0 / 3,000 | 33.0 (+10%) | 60.0 (-98%) | 33.0 (+10%) | 150.0 (-95%) | yes | 77% |" in md
+    # a changed base compares with the full row on that base
+    assert "| base_target_share=0.05 | 28.0 / 900 | 30.8 (+10%) | 50.0 (-94%) | 30.8 (+10%) | 100.0 (-89%) | yes | 76% |" in md
+    assert "| num_layers=24 | 30.0 / 3,000 | (no full row) |  | 30.0 (+0%) | 100.0 (-97%) | - | - |" in md
+    # the ratio sweep: the preset's 1:9 and en_share=0.5, full at 1:9 for reference
+    assert "| 1:9 | 40.0 (+33%) | 150.0 (-95%) | 36.0 (+20%) | 90.0 (-97%) |" in md
+    assert "| 5:5 | 35.0 (+17%) | 900.0 (-70%) | 31.5 (+5%) | 300.0 (-90%) |" in md
+    assert "| full fine-tuning, 1:9 | | | 33.0 (+10%) | 60.0 (-98%) |" in md
+    assert "`benchmarks/replicate.py --size small --target ja --methods elo --set base_target_share=0.05` |" in md
+
+
+def test_overrides_parse_by_field_type_and_name_renamed_or_unknown_fields():
+    small = SIZES["small"]
+    assert rows.parse_overrides(small, ["elo_lr=1e-4", "num_layers=24", "align_en_share=None", "cp_tokens=1e5"]) == {
+        "elo_lr": 1e-4, "num_layers": 24, "align_en_share": None, "cp_tokens": 100_000}
+    with pytest.raises(ValueError, match="base_ja_share was renamed base_target_share"):
+        rows.parse_overrides(small, ["base_ja_share=0.05"])
+    with pytest.raises(ValueError, match="did you mean elo_lr"):
+        rows.parse_overrides(small, ["elo_rl=1e-4"])
+    with pytest.raises(ValueError, match="cannot be None"):
+        rows.parse_overrides(small, ["cp_lr=none"])
+
+
+def test_a_row_is_keyed_by_what_it_changes_and_the_store_skips_finished_rows(tmp_path):
+    small = SIZES["small"]
+    same = rows.Row("elo", ("cp_lr=3e-4",))  # the preset's own value: the preset's row
+    assert same.changes(small) == {} and rows.Row("elo", ("elo_lr=1e-4",)).changes(small) == {"elo_lr": 1e-4}
+    assert rows.full_reference_changes({"elo_lr": 1e-4, "num_layers": 24}) == {"num_layers": 24}
+    header = {"size_name": "small", "target": "ja", "device": "cpu", "seed": 0}
+    store = rows.ResultsStore(tmp_path / "results.json", header)
+    store.add_row({"key": rows.row_key("elo", {}), "x": 1})
+    store.add_row({"key": rows.row_key("elo", {}), "x": 2})  # a rerun replaces it
+    again = rows.ResultsStore(tmp_path / "results.json", header)
+    assert again.has(rows.row_key("elo", {})) and not again.has(rows.row_key("full", {}))
+    assert [r["x"] for r in again.data["rows"]] == [2]
+    with pytest.raises(ValueError, match="another setting.*target.*'ja', 'de'"):
+        rows.ResultsStore(tmp_path / "results.json", {**header, "target": "de"})
+    all_rows = rows.MATRICES["all"]
+    assert len(set(all_rows)) == len(all_rows) and set(all_rows) >= {r for m in rows.MATRICES.values() for r in m}
 
 
 # --------------------------------------------------------------------------- end to end
 
 
-def _smoke_prerequisites() -> str | None:
+def _smoke_prerequisites(target: str) -> str | None:
     if shutil.which("man") is None or shutil.which("col") is None or shutil.which("dpkg-query") is None:
         return "needs man-db, col and dpkg (a Debian system with manual pages)"
-    missing = [p for pkgs in corpus.PACKAGES.values() for p in pkgs if not corpus.installed(p)]
+    packages = [*corpus.ENGLISH_PACKAGES, languages.target(target).package]
+    missing = [p for p in packages if not corpus.installed(p)]
     if missing and (os.geteuid() != 0 or shutil.which("apt-get") is None):
         return f"needs the packages {missing} (apt-get install -y {' '.join(missing)})"
     return None
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """`replicate.py --smoke` once for the module (full fine-tuning and ELO; LoRA and the middle
-    pair run the same code with another method name and other layers)."""
-    reason = _smoke_prerequisites()
+def _run_smoke(tmp_path_factory, target: str, methods: str):
+    reason = _smoke_prerequisites(target)
     if reason:
         pytest.skip(reason)
-    out = tmp_path_factory.mktemp("replicate")
+    out = tmp_path_factory.mktemp(f"replicate-{target}")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "replicate.py"), "--smoke", "--methods", "full,elo",
+        [sys.executable, str(ROOT / "benchmarks" / "replicate.py"), "--smoke", "--target", target, "--methods", methods,
          "--out", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out, json.loads((out / "results.json").read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """`replicate.py --smoke` (Japanese) once for the module: full fine-tuning and ELO; LoRA and
+    the middle pair run the same code with another method name and other layers."""
+    return _run_smoke(tmp_path_factory, "ja", "full,elo")
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -165,24 +268,27 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_smoke_corpus_is_deduplicated_and_heldout_pages_are_never_trained(smoke):
     out, results, _ = smoke
+    folder = out / "corpus" / "ja"
     for lang in ("en", "ja"):
-        train = corpus.read_texts(out / "corpus" / f"{lang}.train.jsonl")
-        held = corpus.read_texts(out / "corpus" / f"{lang}.heldout.jsonl")
+        train = corpus.read_texts(folder / f"{lang}.train.jsonl")
+        held = corpus.read_texts(folder / f"{lang}.heldout.jsonl")
         assert train and held
         assert len(set(train)) == len(train) and not set(train) & set(held)
-        cp, align = (corpus.read_texts(out / "corpus" / f"{lang}.{p}.jsonl") for p in ("cp", "align"))
+        cp, align = (corpus.read_texts(folder / f"align-{SIZES['smoke'].align_share:g}" / f"{lang}.{p}.jsonl")
+                     for p in ("cp", "align"))
         assert sorted(cp + align) == sorted(train) and not set(cp) & set(align)
-    ja = corpus.read_texts(out / "corpus" / "ja.train.jsonl")
-    assert all(corpus.ja_share(t) >= corpus.MIN_JA_SHARE for t in ja)
+    ja = corpus.read_texts(folder / "ja.train.jsonl")
+    assert all(languages.script_share(t, "kana and kanji") >= languages.MIN_SCRIPT_SHARE for t in ja)
     assert results["corpus"]["en"]["pages"] == SIZES["smoke"].max_pages
+    assert results["corpus"]["ja"]["filter"] == "20% of letters in kana and kanji"
 
 
 def test_smoke_trains_each_method_on_its_token_budget(smoke):
     _, results, _ = smoke
     size = SIZES["smoke"]
-    base = results["base"]["run"]
+    full, elo = (r["result"] for r in results["rows"])
+    base = results["bases"][results["rows"][0]["base"]]["run"]
     assert base["tokens"] == size.base_tokens and base["tokens_by_language"] == {"en": size.base_tokens}
-    full, elo = results["methods"]
     assert [s["stage"] for s in full["stages"]] == ["cp"]
     assert full["stages"][0]["tokens"] == size.cp_tokens
     assert [s["stage"] for s in elo["stages"]] == ["detach", "pretrain", "merge", "align"]
@@ -198,7 +304,7 @@ def test_smoke_trains_each_method_on_its_token_budget(smoke):
 def test_smoke_elo_merge_changes_only_the_detached_layers_and_alignment_changes_all(smoke):
     out, results, _ = smoke
     last = SIZES["smoke"].num_layers - 1
-    base = _tensors(out / "base")
+    base = _tensors(out / "bases" / results["rows"][0]["base"])
     merged = _tensors(out / "runs" / f"elo-0-{last}" / "merged")
     aligned = _tensors(out / "runs" / f"elo-0-{last}" / "aligned")
     assert merged.keys() == base.keys()
@@ -214,10 +320,11 @@ def test_smoke_elo_merge_changes_only_the_detached_layers_and_alignment_changes_
 
 def test_smoke_reports_finite_perplexities_table_and_plots(smoke):
     out, results, stdout = smoke
-    models = ["base"] + [label for m in results["methods"] for label in m["perplexity"]]
+    models = ["base"] + [label for r in results["rows"] for label in r["result"]["perplexity"]]
     assert models == ["base", "full", f"elo (0, {SIZES['smoke'].num_layers - 1}) no align",
                       f"elo (0, {SIZES['smoke'].num_layers - 1}) + align"]
-    every = [results["base"]["perplexity"]] + [p for m in results["methods"] for p in m["perplexity"].values()]
+    every = [b["perplexity"] for b in results["bases"].values()] + [
+        p for r in results["rows"] for p in r["result"]["perplexity"].values()]
     for ppl in every:
         assert set(ppl) == {"en", "ja"} and all(math.isfinite(v) and v > 1 for v in ppl.values())
     md = (out / "results.md").read_text()
@@ -226,3 +333,34 @@ def test_smoke_reports_finite_perplexities_table_and_plots(smoke):
     for name in ("perplexity.png", "time.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "## Held-out perplexity" in stdout
+
+
+def test_smoke_rerun_skips_finished_rows(smoke):
+    out, results, _ = smoke
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "replicate.py"), "--smoke", "--methods", "full,elo", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.stdout.count("row done already, skipped") == 2 and "[replicate] row: " not in proc.stdout
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+
+@pytest.fixture(scope="module")
+def smoke_german(tmp_path_factory):
+    """A Latin-script target: German pages filtered by language identification, end to end
+    (full fine-tuning alone: the training code is the same for every target)."""
+    return _run_smoke(tmp_path_factory, "de", "full")
+
+
+def test_smoke_german_filters_by_language_and_trains_and_scores_both_languages(smoke_german):
+    out, results, _ = smoke_german
+    de = corpus.read_texts(out / "corpus" / "de" / "de.train.jsonl")
+    assert de and all(languages.is_target_text(t, languages.target("de")) for t in de)
+    assert results["corpus"]["de"]["filter"] == "py3langid: de rather than en"
+    (row,) = results["rows"]
+    cp = row["result"]["stages"][0]
+    assert set(cp["tokens_by_language"]) == {"en", "de"} and cp["tokens"] == SIZES["smoke"].cp_tokens
+    ppl = row["result"]["perplexity"]["full"]
+    assert set(ppl) == {"en", "de"} and all(math.isfinite(v) and v > 1 for v in ppl.values())
+    assert "| German | manpages-de" in (out / "results.md").read_text()

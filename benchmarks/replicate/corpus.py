@@ -1,14 +1,16 @@
 """Real bilingual text nobody here wrote: Debian's packaged manual pages, as JSONL.
 
 English comes from the `manpages` and `manpages-dev` packages (the Linux man-pages project),
-Japanese from `manpages-ja` (the JM project's translations of pages of many packages). Each page
+the target language from its `manpages-LANG` package (`languages.py`; e.g. `manpages-ja`, the
+JM project's translations of pages of many packages). Each page
 is rendered to plain text by man-db (`man -l`, 80 columns, no hyphenation or justification)
 and `col -bx`, cut into documents at its top-level sections (NAME, DESCRIPTION, ...; short
 sections join the next one), and deduplicated by exact text. Whole pages are held out, chosen
 by a hash of the page's name, so that no section of a held-out page is ever trained on.
 
-Japanese pages keep some untranslated English (authors, copyright, code); a Japanese document
-needs `MIN_JA_SHARE` of its letters in kana or kanji, the rest are dropped and counted.
+Translated pages keep some untranslated English (authors, copyright, code); a target document
+must pass `languages.is_target_text` (a share of letters in the target's script, or a language
+identifier for Latin-script languages), the rest are dropped and counted.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Debian packages per language (installed with apt-get when missing).
-PACKAGES = {"en": ("manpages", "manpages-dev"), "ja": ("manpages-ja",)}
-MIN_SECTION_CHARS = 200  # shorter sections (NAME, SEE ALSO lists) join the next one
-MIN_JA_SHARE = 0.2  # share of letters in a Japanese document that must be kana or kanji
+from replicate import languages
 
-_JA = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff66-\uff9f]")
-_LETTER = re.compile(r"[^\W\d_]")
+# The English side's Debian packages (installed with apt-get when missing); the target's is its
+# languages.Target.package.
+ENGLISH_PACKAGES = ("manpages", "manpages-dev")
+MIN_SECTION_CHARS = 200  # shorter sections (NAME, SEE ALSO lists) join the next one
 
 
 class CorpusError(RuntimeError):
@@ -69,13 +70,16 @@ def ensure_packages(packages: list[str]) -> None:
             raise CorpusError(f"apt-get install {' '.join(missing)} failed:\n{r.stderr[-2000:]}")
 
 
-def package_pages(package: str) -> list[Path]:
-    """The manual pages a package ships (regular files under /usr/share/man; links are aliases)."""
+def package_pages(package: str, man_dir: str | None = None) -> list[Path]:
+    """The manual pages a package ships (regular files; links are aliases) under
+    /usr/share/man/man*/ (English), or /usr/share/man/`man_dir`/ for a translation (one package
+    may ship several: manpages-zh holds zh_CN and zh_TW)."""
     r = subprocess.run(["dpkg-query", "-L", package], capture_output=True, text=True, check=True)
+    prefix = f"/usr/share/man/{man_dir}/man" if man_dir else "/usr/share/man/man"
     pages = []
     for line in r.stdout.splitlines():
         p = Path(line)
-        if line.startswith("/usr/share/man/") and re.search(r"\.\d\w*(\.gz)?$", p.name) and p.is_file() \
+        if line.startswith(prefix) and re.search(r"\.\d\w*(\.gz)?$", p.name) and p.is_file() \
                 and not p.is_symlink():
             pages.append(p)
     return sorted(pages)
@@ -147,11 +151,6 @@ def documents(page_text: str, min_chars: int = MIN_SECTION_CHARS) -> list[str]:
     return docs
 
 
-def ja_share(text: str) -> float:
-    letters = len(_LETTER.findall(text))
-    return len(_JA.findall(text)) / letters if letters else 0.0
-
-
 def is_heldout(page_name: str, heldout_pct: float) -> bool:
     """Whether a page is held out: a stable hash of its name, the same on every machine."""
     h = int.from_bytes(hashlib.sha1(page_name.encode()).digest()[:8], "little")
@@ -179,10 +178,13 @@ def page_name(page: Path) -> str:
 
 def build_language(language: str, out_dir: Path, *, max_pages: int | None, heldout_pct: float,
                    workers: int) -> LanguageCorpus:
-    """Render, split, filter, deduplicate and write one language's train/heldout JSONL."""
-    packages = list(PACKAGES[language])
+    """Render, split, filter, deduplicate and write one language's train/heldout JSONL
+    (`language`: en, or a code of `languages.TARGETS`)."""
+    lang = None if language == "en" else languages.target(language)
+    packages = list(ENGLISH_PACKAGES) if lang is None else [lang.package]
     ensure_packages(packages)
-    pages = sorted({p for pkg in packages for p in package_pages(pkg)}, key=page_name)
+    man_dir = None if lang is None else lang.man_dir
+    pages = sorted({p for pkg in packages for p in package_pages(pkg, man_dir)}, key=page_name)
     pages = [p for p in pages if not is_alias(p)]
     if max_pages is not None:
         # A spread-out sample (not the first N, which would all be man1 pages).
@@ -195,15 +197,15 @@ def build_language(language: str, out_dir: Path, *, max_pages: int | None, heldo
 
     seen: set[str] = set()
     split = {"train": [], "heldout": []}
-    counts = {"pages": len(pages), "empty_pages": 0, "duplicates": 0, "not_japanese": 0}
+    counts = {"pages": len(pages), "empty_pages": 0, "duplicates": 0, "untranslated": 0}
     for page, text in zip(pages, rendered):
         docs = documents(text)
         if not docs:
             counts["empty_pages"] += 1
         part = "heldout" if is_heldout(page_name(page), heldout_pct) else "train"
         for doc in docs:
-            if language == "ja" and ja_share(doc) < MIN_JA_SHARE:
-                counts["not_japanese"] += 1
+            if lang is not None and not languages.is_target_text(doc, lang):
+                counts["untranslated"] += 1
                 continue
             key = re.sub(r"\s+", " ", doc)
             if key in seen:
@@ -220,9 +222,12 @@ def build_language(language: str, out_dir: Path, *, max_pages: int | None, heldo
                 f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
         counts[f"{part}_docs"] = len(docs)
         counts[f"{part}_chars"] = sum(len(d) for d in docs)
+        if not docs:
+            raise CorpusError(f"{language}: no {part} document is left of {len(pages)} pages of {packages} "
+                              f"({counts}); raise --set max_pages or heldout_pct")
     versions = {p: _version(p) for p in packages}
-    return LanguageCorpus(language, paths["train"], paths["heldout"], packages,
-                          {**counts, "packages": versions})
+    stats = {**counts, "packages": versions, "filter": None if lang is None else languages.rule(lang)}
+    return LanguageCorpus(language, paths["train"], paths["heldout"], packages, stats)
 
 
 def _version(package: str) -> str:
@@ -235,32 +240,34 @@ def read_texts(path: Path) -> list[str]:
         return [json.loads(line)["text"] for line in f if line.strip()]
 
 
-def build(out_dir: Path, *, max_pages: int | None = None, heldout_pct: float = 5.0,
+def build(out_dir: Path, target: str, *, max_pages: int | None = None, heldout_pct: float = 5.0,
           workers: int | None = None) -> dict[str, LanguageCorpus]:
-    """English and Japanese JSONL corpora under `out_dir`, reused when `corpus.json` says they
+    """English and `target` JSONL corpora under `out_dir`, reused when `corpus.json` says they
     were built with the same settings."""
+    lang = languages.target(target)
     settings = {"max_pages": max_pages, "heldout_pct": heldout_pct, "min_section_chars": MIN_SECTION_CHARS,
-                "min_ja_share": MIN_JA_SHARE, "packages": PACKAGES}
+                "target": target, "filter": languages.rule(lang),
+                "packages": {"en": list(ENGLISH_PACKAGES), target: [lang.package]}}
     manifest = out_dir / "corpus.json"
     if manifest.is_file():
         saved = json.loads(manifest.read_text())
         if saved.get("settings") == json.loads(json.dumps(settings)):
             log(f"corpus: reusing {out_dir}")
-            return {lang: LanguageCorpus(lang, out_dir / c["train"], out_dir / c["heldout"], c["packages"], c["stats"])
-                    for lang, c in saved["languages"].items()}
+            return {code: LanguageCorpus(code, out_dir / c["train"], out_dir / c["heldout"], c["packages"], c["stats"])
+                    for code, c in saved["languages"].items()}
     if shutil.which("man") is None or shutil.which("col") is None:
         raise CorpusError("rendering manual pages needs man-db and bsdextrautils: apt-get install -y man-db bsdextrautils")
     workers = workers or os.cpu_count() or 1
     corpora = {}
-    for lang in PACKAGES:
-        corpora[lang] = build_language(lang, out_dir, max_pages=max_pages, heldout_pct=heldout_pct, workers=workers)
-        s = corpora[lang].stats
-        log(f"corpus {lang}: {s['pages']} pages -> {s['train_docs']} train / {s['heldout_docs']} held-out "
+    for code in ("en", target):
+        corpora[code] = build_language(code, out_dir, max_pages=max_pages, heldout_pct=heldout_pct, workers=workers)
+        s = corpora[code].stats
+        log(f"corpus {code}: {s['pages']} pages -> {s['train_docs']} train / {s['heldout_docs']} held-out "
             f"documents ({s['train_chars']:,} / {s['heldout_chars']:,} chars); dropped {s['duplicates']} duplicates"
-            + (f", {s['not_japanese']} mostly non-Japanese" if lang == "ja" else ""))
+            + (f", {s['untranslated']} mostly untranslated ({s['filter']})" if code != "en" else ""))
     manifest.write_text(json.dumps({
         "settings": settings,
-        "languages": {lang: {"train": c.train.name, "heldout": c.heldout.name, "packages": c.packages,
-                             "stats": c.stats} for lang, c in corpora.items()},
+        "languages": {code: {"train": c.train.name, "heldout": c.heldout.name, "packages": c.packages,
+                             "stats": c.stats} for code, c in corpora.items()},
     }, indent=2, ensure_ascii=False))
     return corpora

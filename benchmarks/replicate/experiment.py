@@ -1,16 +1,10 @@
-"""The experiment: a base model that knows English, then continual pretraining on Japanese by
-each method at the same token budget, on the same machine, in one run.
+"""The experiment's machinery: size presets, the corpus, tokenizer and base model (each built once
+per settings and reused), a training stage through elo-ray's engine, perplexity.
 
-Every training stage goes through elo-ray's own engine (`elo_ray.train.run_training` on a local
-Ray, streams from `elo_ray.data`), ELO through `elo_ray.surgery` (detach, merge), perplexity
-through `elo_ray.evaluate`. The methods, as the paper compares them (DESIGN.md):
-
-- full:  full fine-tuning of the base on the mixed stream, `cp_tokens` tokens.
-- lora:  LoRA adapters on every linear layer, the same tokens, merged into the weights after.
-- elo:   detach `layers`, train them on `(1 - align_share) * cp_tokens` tokens, merge them back
-         ("ELO, no alignment"), then full fine-tuning of the merged model on the remaining
-         `align_share * cp_tokens` tokens of separate alignment text ("ELO + align"), as the paper
-         splits 10 GB into 9 GB of ELO pretraining and 1 GB of alignment.
+A base model that knows English is continually pretrained on the target language by each method
+of `methods.py` at the same token budget. Every training stage goes through elo-ray's own engine
+(`elo_ray.train.run_training` on a local Ray, streams from `elo_ray.data`), ELO through
+`elo_ray.surgery` (detach, merge), perplexity through `elo_ray.evaluate`.
 
 Stage wall times include what the stage really costs end to end (Ray Train start-up, loading
 the model, checkpoint and export); "loop" times are the training loop alone, from the engine's
@@ -20,6 +14,7 @@ the same.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -44,22 +39,35 @@ class Size:
     num_layers: int  # decoder layers of the base model
     num_heads: int  # attention heads (head size = hidden_size / num_heads)
     num_kv_heads: int  # key/value heads (grouped-query attention, as Llama 3)
-    vocab_size: int  # tokenizer vocabulary, trained on both languages
+    vocab_size: int  # tokenizer vocabulary, trained on English and the target
     seq_len: int  # tokens per packed training sequence (and per perplexity window)
     micro_batch_size: int  # sequences per forward
-    base_tokens: int  # English tokens of the base model's pretraining from scratch
-    cp_tokens: int  # tokens of continual pretraining per method (English:Japanese 1:9)
+    base_tokens: int  # tokens of the base model's pretraining from scratch (English, but base_target_share)
+    cp_tokens: int  # tokens of continual pretraining per method (English:target en_share : 1 - en_share)
     align_share: float  # share of cp_tokens that ELO spends on alignment (paper: 1 GB of 10 GB)
     eval_tokens: int  # held-out tokens scored per language
     max_pages: int | None  # manual pages per language (None: all of them)
     heldout_pct: float  # percent of pages held out for perplexity
     base_lr: float  # peak lr of the base pretraining
-    cp_lr: float  # peak lr of full fine-tuning and ELO pretraining
+    cp_lr: float  # peak lr of full fine-tuning (and of ELO's layer training unless elo_lr is set)
     lora_lr: float  # peak lr of LoRA (adapters train from zero; the usual practice is a higher lr)
     align_lr: float  # peak lr of the alignment after ELO
     lora_rank: int = 16
-    base_ja_share: float = 0.0  # Japanese share of the base pretraining (0: English only, as issue #7 asks)
+    base_target_share: float = 0.0  # target-language share of the base pretraining (0: English only, issue #7)
     log_every: int = 10  # optimizer steps between metric records (the loss curves' resolution)
+    en_share: float = 0.1  # English share of continual-pretraining tokens (paper: English:target 1:9)
+    align_en_share: float | None = None  # English share of ELO's alignment tokens (None: en_share)
+    elo_lr: float | None = None  # peak lr of ELO's layer training (None: cp_lr, the same as full fine-tuning)
+
+    @property
+    def elo_train_lr(self) -> float:
+        """The peak lr ELO's detached layers train with."""
+        return self.cp_lr if self.elo_lr is None else self.elo_lr
+
+    @property
+    def align_mix(self) -> float:
+        """The English share of ELO's alignment tokens."""
+        return self.en_share if self.align_en_share is None else self.align_en_share
 
     @property
     def middle_pair(self) -> tuple[int, int]:
@@ -69,7 +77,9 @@ class Size:
 
 # The fields the base model depends on: a rerun that changes only others reuses it.
 BASE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "seq_len",
-               "micro_batch_size", "base_tokens", "max_pages", "heldout_pct", "base_lr", "base_ja_share", "log_every")
+               "micro_batch_size", "base_tokens", "max_pages", "heldout_pct", "base_lr", "base_target_share", "log_every")
+# The fields the corpus depends on (with the target language).
+CORPUS_FIELDS = ("max_pages", "heldout_pct")
 
 SIZES = {
     # The test's setting: a handful of pages, a 4-layer model, a few steps of everything.
@@ -172,28 +182,42 @@ def _loop_summary(records: list[dict]) -> dict:
 
 
 class Experiment:
-    """One run of the whole comparison under `out_dir` (see the module docstring)."""
+    """The shared parts of every row run with one `size`: corpus, tokenizer, base model (each
+    reused when an earlier run built it with the same settings), training stages, perplexity."""
 
-    def __init__(self, out_dir: Path, size: Size, *, size_name: str, device: str = "cpu", seed: int = 0,
-                 fresh: bool = False):
+    def __init__(self, out_dir: Path, size: Size, *, target: str = "ja", size_name: str, device: str = "cpu",
+                 seed: int = 0):
         self.out = out_dir
         self.size = size
+        self.target = target
+        self.languages = ("en", target)
         self.size_name = size_name
         self.device = device
         self.seed = seed
-        self.fresh = fresh
         self.corpus: dict[str, corpus_lib.LanguageCorpus] = {}
-        self.tokenizer_dir = out_dir / "tokenizer"
-        self.base_dir = out_dir / "base"
+        self.corpus_dir = out_dir / "corpus" / target
+        self.split_dir = self.corpus_dir / f"align-{size.align_share:g}"  # cp and align parts of the training text
+        self.tokenizer_dir = out_dir / "tokenizer" / f"{target}-{size.vocab_size}"
+        base_settings = {"size": {k: v for k, v in asdict(size).items() if k in BASE_FIELDS}, "seed": seed,
+                         "target": target}
+        self.base_key = hashlib.sha1(json.dumps(base_settings, sort_keys=True).encode()).hexdigest()[:10]
+        self.base_dir = out_dir / "bases" / self.base_key
         self.runs = out_dir / "runs"
         self.heldout: dict[str, list[list[int]]] = {}
         self.info: dict = {}
 
     # ------------------------------------------------------------------ data
 
+    def prepare(self) -> None:
+        """Corpus, tokenizer, token counts and held-out documents (no Ray needed)."""
+        self.prepare_corpus()
+        self.train_tokenizer()
+        self.count_tokens()
+        self.load_heldout()
+
     def prepare_corpus(self) -> None:
         began = time.perf_counter()
-        self.corpus = corpus_lib.build(self.out / "corpus", max_pages=self.size.max_pages,
+        self.corpus = corpus_lib.build(self.corpus_dir, self.target, max_pages=self.size.max_pages,
                                         heldout_pct=self.size.heldout_pct)
         self._split_alignment()
         self.info["corpus_s"] = round(time.perf_counter() - began, 1)
@@ -202,7 +226,8 @@ class Experiment:
         """Per language, a disjoint alignment part of the training documents (`align_share` of them, by hash)
         for ELO's alignment stage; full and LoRA stream from both parts."""
         for lang, c in self.corpus.items():
-            cp, align = self.out / "corpus" / f"{lang}.cp.jsonl", self.out / "corpus" / f"{lang}.align.jsonl"
+            self.split_dir.mkdir(parents=True, exist_ok=True)
+            cp, align = self.split_dir / f"{lang}.cp.jsonl", self.split_dir / f"{lang}.align.jsonl"
             parts = {cp: [], align: []}
             for t in corpus_lib.read_texts(c.train):
                 parts[align if corpus_lib.is_heldout(t, 100 * self.size.align_share) else cp].append(t)
@@ -210,17 +235,23 @@ class Experiment:
                 with open(path, "w", encoding="utf-8") as f:
                     f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
 
-    def sources(self, part: str, languages=("en", "ja")):
-        """Source configs of `part`: train (cp + align), cp, align or heldout."""
+    def sources(self, part: str, languages=None):
+        """Source configs of `part`: train (all training text: the base, full and LoRA), cp (ELO's
+        layer training), align (ELO's alignment) or heldout."""
         from elo_ray.config import SourceConfig
 
-        files = {"train": ["cp", "align"], "cp": ["cp"], "align": ["align"], "heldout": ["heldout"]}[part]
-        return [SourceConfig(uri=str(self.out / "corpus" / f"{lang}.{f}.jsonl"), language=lang)
-                for lang in languages for f in files]
+        folder = self.split_dir if part in ("cp", "align") else self.corpus_dir
+        return [SourceConfig(uri=str(folder / f"{lang}.{part}.jsonl"), language=lang)
+                for lang in (languages or self.languages)]
 
-    def data_config(self, part: str, tokens: int, languages=("en", "ja"), seed_offset: int = 0, weights=None):
+    def data_config(self, part: str, tokens: int, en_share: float, seed_offset: int = 0):
+        """`tokens` of `part`, English:target mixed `en_share` : 1 - en_share (one language alone at 0 or 1)."""
         from elo_ray.config import DataConfig
 
+        if en_share <= 0 or en_share >= 1:
+            languages, weights = ((self.target,) if en_share <= 0 else ("en",)), None
+        else:
+            languages, weights = self.languages, {"en": en_share, self.target: 1 - en_share}
         return DataConfig(sources=self.sources(part, languages), seq_len=self.size.seq_len, max_tokens=tokens,
                           weights=weights, heldout_docs=0, seed=self.seed + seed_offset)
 
@@ -230,7 +261,7 @@ class Experiment:
 
         marker = self.tokenizer_dir / "settings.json"
         settings = {"vocab_size": self.size.vocab_size, "corpus": {k: v.stats for k, v in self.corpus.items()}}
-        if not self.fresh and marker.is_file() and json.loads(marker.read_text()) == settings:
+        if marker.is_file() and json.loads(marker.read_text()) == json.loads(json.dumps(settings)):
             log(f"tokenizer: reusing {self.tokenizer_dir}")
             return
         began = time.perf_counter()
@@ -242,19 +273,26 @@ class Experiment:
         log(f"tokenizer: {len(tok)} tokens, trained on {len(texts)} documents in {time.perf_counter() - began:.0f}s")
 
     def count_tokens(self) -> dict[str, dict[str, int]]:
-        """Tokens of every corpus part per language (the sizes the README reports)."""
+        """Tokens of every corpus part per language (the sizes the README reports), counted once
+        per tokenizer and alignment split."""
         from transformers import AutoTokenizer
 
         from elo_ray.data.tokens import DocEncoder
 
+        cache = self.tokenizer_dir / f"counts-align{self.size.align_share:g}.json"
+        if cache.is_file():
+            self.info["corpus_tokens"] = json.loads(cache.read_text())
+            return self.info["corpus_tokens"]
         enc = DocEncoder(AutoTokenizer.from_pretrained(self.tokenizer_dir))
         sizes = {}
         for lang in self.corpus:
             sizes[lang] = {}
             for part in ("cp", "align", "heldout"):
-                texts = corpus_lib.read_texts(self.out / "corpus" / f"{lang}.{part}.jsonl")
+                texts = corpus_lib.read_texts((self.corpus_dir if part == "heldout" else self.split_dir)
+                                              / f"{lang}.{part}.jsonl")
                 sizes[lang][part] = sum(len(ids) for ids in enc(texts)) if texts else 0
                 sizes[lang][f"{part}_docs"] = len(texts)
+        cache.write_text(json.dumps(sizes))
         self.info["corpus_tokens"] = sizes
         return sizes
 
@@ -333,21 +371,23 @@ class Experiment:
             f"{run.tokens_per_s or 0:,.0f} tok/s), loss {run.final_loss or float('nan'):.3f}, peak {run.peak_memory_gb or 0:.2f} GiB")
         return run
 
-    def pretrain_base(self) -> StageRun:
-        """A Llama-shaped model trained from scratch on English only: the experiment's base model."""
+    def pretrain_base(self) -> dict:
+        """A Llama-shaped model trained from scratch on English (and `base_target_share` of the
+        target): the experiment's base model, built once per base settings and then reused.
+        Returns {"key", "settings", "params", "run", "perplexity", "commit"}."""
         from elo_ray.tiny import tiny_config, tiny_model
         from transformers import AutoTokenizer
 
         s = self.size
         settings = {"size": {k: v for k, v in asdict(s).items() if k in BASE_FIELDS}, "seed": self.seed,
-                    "tokenizer": json.loads((self.tokenizer_dir / "settings.json").read_text())}
+                    "target": self.target, "tokenizer": json.loads((self.tokenizer_dir / "settings.json").read_text())}
         marker = self.base_dir / "replicate-base.json"
-        if not self.fresh and marker.is_file():
+        if marker.is_file():
             saved = json.loads(marker.read_text())
-            if saved["settings"] == json.loads(json.dumps(settings)):
-                log(f"base: reusing {self.base_dir} (pretrained in {saved['run']['wall_s']:.0f}s; --fresh to redo)")
-                self.info["base_reused_from"] = saved.get("commit", "an earlier run")
-                return StageRun(**{**saved["run"], "curve": [tuple(c) for c in saved["run"]["curve"]]})
+            if saved["settings"] == json.loads(json.dumps(settings)) and "perplexity" in saved:
+                log(f"base: reusing {self.base_dir.relative_to(self.out)} (pretrained in {saved['run']['wall_s']:.0f}s; "
+                    "--fresh to redo)")
+                return saved
         tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         config = tiny_config(
             "llama", vocab_size=len(tok), hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
@@ -360,55 +400,44 @@ class Experiment:
         model = tiny_model(config, seed=self.seed)
         model.save_pretrained(init)
         tok.save_pretrained(init)
-        self.info["base_params"] = sum(p.numel() for p in model.parameters())
-        log(f"base: pretraining a {s.num_layers}-layer Llama of {self.info['base_params'] / 1e6:.1f}M parameters "
-            f"from scratch on {s.base_tokens:,} tokens, {100 * (1 - s.base_ja_share):.0f}% English")
-        if s.base_ja_share > 0:
-            data_cfg = self.data_config("train", s.base_tokens, weights={"en": 1 - s.base_ja_share, "ja": s.base_ja_share})
-        else:
-            data_cfg = self.data_config("train", s.base_tokens, languages=("en",))
+        params = sum(p.numel() for p in model.parameters())
+        log(f"base {self.base_key}: pretraining a {s.num_layers}-layer Llama of {params / 1e6:.1f}M parameters "
+            f"from scratch on {s.base_tokens:,} tokens, {100 * (1 - s.base_target_share):.0f}% English")
+        data_cfg = self.data_config("train", s.base_tokens, en_share=1 - s.base_target_share)
         run = self.train("base", self.runs / "base", init, self.base_dir, method="full", lr=s.base_lr, data_cfg=data_cfg)
-        marker.write_text(json.dumps({"settings": settings, "run": asdict(run), "commit": self.info.get("elo_ray_commit")}))
-        return run
+        saved = {"key": self.base_key, "settings": settings, "params": params, "run": asdict(run),
+                 "perplexity": self.perplexity(self.base_dir), "commit": self.info.get("elo_ray_commit")}
+        marker.write_text(json.dumps(saved))
+        return json.loads(json.dumps(saved))
 
-    # ------------------------------------------------------------------ the methods
-
-    def run_full_or_lora(self, kind: str) -> MethodResult:
-        s = self.size
-        res = MethodResult(name=kind, kind=kind, layers=None)
-        run_dir = self.runs / kind
-        out = run_dir / "model"
-        lr = s.cp_lr if kind == "full" else s.lora_lr
-        res.stages.append(self.train("cp", run_dir, self.base_dir, out, method=kind, lr=lr,
-                                     data_cfg=self.data_config("train", s.cp_tokens)))
-        res.perplexity[kind] = self.perplexity(out)
-        res.trainable_params = self.trainable_params(self.base_dir, kind)
-        return res
-
-    def run_elo(self, layers: tuple[int, ...]) -> MethodResult:
-        """save_detached -> train (elo) -> merge -> [evaluate] -> train (full) on the merged model."""
+    def detach_merge(self, layers: tuple[int, ...], run_dir: Path) -> tuple[list[StageRun], Path]:
+        """surgery.save_detached -> ELO training of the detached model -> surgery.merge; returns the
+        stages and the merged model's folder."""
         from elo_ray import surgery
 
         s = self.size
-        name = f"elo {tuple(layers)}"
-        res = MethodResult(name=name, kind="elo", layers=list(layers))
-        run_dir = self.runs / ("elo-" + "-".join(map(str, layers)))
-        elo_init, elo_out, merged, aligned = (run_dir / n for n in ("elo-init", "elo-trained", "merged", "aligned"))
+        elo_init, elo_out, merged = (run_dir / n for n in ("elo-init", "elo-trained", "merged"))
+        stages = []
         began = time.perf_counter()
         surgery.save_detached(str(self.base_dir), layers, str(elo_init), overwrite=True)
-        res.stages.append(StageRun(stage="detach", wall_s=time.perf_counter() - began))
+        stages.append(StageRun(stage="detach", wall_s=time.perf_counter() - began))
         pretrain_tokens = round(s.cp_tokens * (1 - s.align_share))
-        res.stages.append(self.train("pretrain", run_dir, elo_init, elo_out, method="elo", lr=s.cp_lr,
-                                     data_cfg=self.data_config("cp", pretrain_tokens)))
+        stages.append(self.train("pretrain", run_dir, elo_init, elo_out, method="elo", lr=s.elo_train_lr,
+                                 data_cfg=self.data_config("cp", pretrain_tokens, s.en_share)))
         began = time.perf_counter()
         surgery.merge(str(self.base_dir), str(elo_out), str(merged), overwrite=True)
-        res.stages.append(StageRun(stage="merge", wall_s=time.perf_counter() - began))
-        res.perplexity[f"{name} no align"] = self.perplexity(merged)
-        res.stages.append(self.train("align", run_dir, merged, aligned, method="full", lr=s.align_lr,
-                                     data_cfg=self.data_config("align", s.cp_tokens - pretrain_tokens, seed_offset=1)))
-        res.perplexity[f"{name} + align"] = self.perplexity(aligned)
-        res.trainable_params = self.trainable_params(elo_init, "elo")
-        return res
+        stages.append(StageRun(stage="merge", wall_s=time.perf_counter() - began))
+        return stages, merged
+
+    def align(self, merged: Path, run_dir: Path) -> tuple[StageRun, Path]:
+        """Full fine-tuning of the merged model on the alignment text: the tokens ELO's layer
+        training left of cp_tokens, English share `align_mix`."""
+        s = self.size
+        aligned = run_dir / "aligned"
+        tokens = s.cp_tokens - round(s.cp_tokens * (1 - s.align_share))
+        run = self.train("align", run_dir, merged, aligned, method="full", lr=s.align_lr,
+                         data_cfg=self.data_config("align", tokens, s.align_mix, seed_offset=1))
+        return run, aligned
 
     def trainable_params(self, model_dir: Path, kind: str) -> int:
         """Parameters the method's main stage trains (counted on a meta-device model)."""
@@ -456,7 +485,3 @@ def machine_info(device: str) -> dict:
     # A run from an exported copy of the tree (git archive) has no .git: the caller names the commit.
     info["elo_ray_commit"] = info.get("elo_ray_commit") or os.environ.get("ELO_RAY_COMMIT", "unknown")
     return info
-
-
-def ppl_delta(before: float, after: float) -> str:
-    return f"{after:.2f} ({100 * (after / before - 1):+.0f}%)" if math.isfinite(after) else "inf"

@@ -1,7 +1,8 @@
 """The experiment's results as markdown tables and PNG plots.
 
-Everything here reads the plain `results.json` that `replicate.py` writes, so tables and plots
-can be redrawn from a finished run (`replicate.py --report-only`).
+Everything here reads the plain `results.json` that `replicate.py` writes (the bases and the
+rows, `rows.py`), so tables and plots can be redrawn from a finished run
+(`replicate.py --report-only`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from replicate import languages
+from replicate.rows import full_reference_changes, setting_label
+
 STAGE_ORDER = ("detach", "cp", "pretrain", "merge", "align")
 STAGE_COLOURS = {"detach": "#bbbbbb", "cp": "#4c72b0", "pretrain": "#55a868", "merge": "#8c8c8c", "align": "#dd8452"}
-LANG_NAMES = {"en": "English", "ja": "Japanese"}
 
 
 def _fmt_s(x: float | None) -> str:
@@ -28,17 +31,41 @@ def _ppl(before: float, after: float) -> str:
     return f"{after:.1f} ({100 * (after / before - 1):+.0f}%)"
 
 
-def model_rows(results: dict) -> list[dict]:
-    """One row per evaluated model: the base and every model a method produced, in order."""
-    base = results["base"]
-    rows = [{"model": "base (English only, from scratch)", "method": "base", "trained": f"all ({base['params'] / 1e6:.1f}M)",
-             "tokens": base["run"]["tokens"], "stages": [base["run"]], "perplexity": base["perplexity"]}]
-    for m in results["methods"]:
-        stages = m["stages"]
+def _langs(results: dict) -> list[str]:
+    return ["en", results["target"]]
+
+
+def _name(code: str) -> str:
+    return languages.name(code)
+
+
+def preset_rows(results: dict) -> list[dict]:
+    """The rows run on the preset itself (no --set): the paper's comparison."""
+    return [r for r in results["rows"] if not r["changes"]]
+
+
+def _base_label(results: dict, base: dict) -> str:
+    share = base["settings"]["size"].get("base_target_share", 0.0)
+    layers = base["settings"]["size"]["num_layers"]
+    what = "English only" if not share else f"{100 * (1 - share):.0f}% English, {100 * share:.0f}% {_name(results['target'])}"
+    return f"base ({layers} layers, {what}, from scratch)"
+
+
+def model_rows(results: dict, rows: list[dict]) -> list[dict]:
+    """One row per evaluated model: the base of the first row, and every model the rows produced."""
+    out = []
+    if rows:
+        base = results["bases"][rows[0]["base"]]
+        out.append({"model": _base_label(results, base), "method": "base", "trained": f"all ({base['params'] / 1e6:.1f}M)",
+                    "tokens": base["run"]["tokens"], "stages": [base["run"]], "perplexity": base["perplexity"],
+                    "base": base})
+    for row in rows:
+        m = row["result"]
+        base = results["bases"][row["base"]]
         for label, ppl in m["perplexity"].items():
             upto = "merge" if label.endswith("no align") else None
             used = []
-            for s in stages:
+            for s in m["stages"]:
                 used.append(s)
                 if s["stage"] == upto:
                     break
@@ -46,24 +73,24 @@ def model_rows(results: dict) -> list[dict]:
                 trained = f"layers {', '.join(map(str, m['layers']))} ({m['trainable_params'] / 1e6:.2f}M)"
                 trained += " + all (align)" if upto is None else ""
             elif m["kind"] == "lora":
-                trained = f"LoRA r={results['size']['lora_rank']} ({m['trainable_params'] / 1e6:.2f}M)"
+                trained = f"LoRA r={row['size']['lora_rank']} ({m['trainable_params'] / 1e6:.2f}M)"
             else:
                 trained = f"all ({m['trainable_params'] / 1e6:.1f}M)"
-            rows.append({"model": label, "method": m["name"], "trained": trained,
-                         "tokens": sum(s["tokens"] for s in used), "stages": used, "perplexity": ppl})
-    return rows
+            out.append({"model": label, "method": m["name"], "trained": trained, "row": row,
+                        "tokens": sum(s["tokens"] for s in used), "stages": used, "perplexity": ppl, "base": base})
+    return out
 
 
-def perplexity_table(results: dict) -> str:
+def perplexity_table(results: dict, rows: list[dict]) -> str:
     """Per model: trained parameters, tokens, wall time, throughput, memory, held-out perplexity."""
-    langs = sorted(results["base"]["perplexity"])
-    base_ppl = results["base"]["perplexity"]
+    langs = _langs(results)
     head = ["model", "trains", "tokens", "wall s", "train tok/s", "peak GiB"] + [f"ppl {lang} (vs base)" for lang in langs]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|" + "---:|" * len(langs)]
-    for r in model_rows(results):
+    for r in model_rows(results, rows):
         trained_stages = [s for s in r["stages"] if s.get("loop_s")]
         rates = " / ".join(f"{s['tokens_per_s']:,.0f}" for s in trained_stages if s.get("tokens_per_s"))
         mem = max((s["peak_memory_gb"] for s in trained_stages if s.get("peak_memory_gb")), default=None)
+        base_ppl = r["base"]["perplexity"]
         ppl = [f"{r['perplexity'][lang]:.1f}" if r["method"] == "base" else _ppl(base_ppl[lang], r["perplexity"][lang])
                for lang in langs]
         lines.append("| " + " | ".join([
@@ -80,10 +107,10 @@ def _totals(m: dict) -> dict[str, float | None]:
             "cpu": sum(cpu) if cpu and None not in cpu else None}
 
 
-def time_table(results: dict) -> str:
+def time_table(results: dict, rows: list[dict]) -> str:
     """Per method: wall seconds of each stage, the training loops alone, the workers' CPU
     seconds in them, and the speed-up over full fine-tuning by each of the three."""
-    methods = results["methods"]
+    methods = [r["result"] for r in rows]
     full = next((_totals(m) for m in methods if m["kind"] == "full"), None)
     head = ["method", *STAGE_ORDER, "total wall s", "loop s", "worker CPU s", "speed-up vs full (wall / loop / CPU)"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -104,60 +131,160 @@ def corpus_table(results: dict) -> str:
     """Corpus sizes per language: documents and tokens of each part."""
     info = results["info"]
     tokens = info.get("corpus_tokens", {})
-    lines = ["| language | packages | pages | documents (train / held-out) | tokens: continual pretraining | alignment | held-out (scored) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for lang, c in results["corpus"].items():
+    lines = ["| language | packages | pages | documents (train / held-out) | dropped untranslated | tokens: ELO layer training "
+             "| alignment | held-out (scored) |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    for lang, c in results.get("corpus", {}).items():
         t = tokens.get(lang, {})
         pkgs = ", ".join(f"{p} {v}" for p, v in c["packages"].items())
-        scored = info.get("eval_tokens", {}).get(lang)
+        scored = info.get("eval_tokens", {}).get(lang, 0)
+        dropped = f"{c.get('untranslated', 0):,} ({c['filter']})" if c.get("filter") else "-"
         lines.append(
-            f"| {LANG_NAMES.get(lang, lang)} | {pkgs} | {c['pages']:,} | {c['train_docs']:,} / {c['heldout_docs']:,} | "
+            f"| {_name(lang)} | {pkgs} | {c['pages']:,} | {c['train_docs']:,} / {c['heldout_docs']:,} | {dropped} | "
             f"{t.get('cp', 0):,} | {t.get('align', 0):,} | {t.get('heldout', 0):,} ({scored:,}) |"
         )
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- the English question
+
+
+def _delta(base: float, after: float) -> float:
+    """Relative perplexity change, in percent."""
+    return 100 * (after / base - 1)
+
+
+def target_gain_kept(base: float, ref: float, after: float) -> float | None:
+    """Of the reference's drop in target loss (log perplexity) from the base, the share `after`
+    achieves (1.0: as much as the reference)."""
+    gain = math.log(base) - math.log(ref)
+    return (math.log(base) - math.log(after)) / gain if gain > 0 else None
+
+
+def full_reference(results: dict, row: dict) -> dict | None:
+    """The full fine-tuning row with the same base, tokens and mix as ELO row `row`."""
+    want = full_reference_changes(row["changes"])
+    return next((r for r in results["rows"] if r["method"] == "full" and r["changes"] == want), None)
+
+
+def comparisons(results: dict) -> list[dict]:
+    """Per ELO (first + last) row: its setting, its base, its full fine-tuning reference and the
+    perplexities of both, in the order the rows ran."""
+    target = results["target"]
+    out = []
+    for row in results["rows"]:
+        if row["method"] != "elo":
+            continue
+        base = results["bases"][row["base"]]["perplexity"]
+        ppl = row["result"]["perplexity"]
+        after = next(v for k, v in ppl.items() if k.endswith("+ align"))
+        no_align = next(v for k, v in ppl.items() if k.endswith("no align"))
+        ref = full_reference(results, row)
+        full = ref["result"]["perplexity"]["full"] if ref else None
+        c = {"row": row, "setting": setting_label(row["changes"]), "base": base, "elo": after, "no_align": no_align,
+             "full": full, "full_row": ref, "en_share": row["size"]["en_share"]}
+        if full:
+            c["english_as_well"] = after["en"] <= full["en"]
+            c["target_kept"] = target_gain_kept(base[target], full[target], after[target])
+        out.append(c)
+    return out
+
+
+def english_table(results: dict) -> str:
+    """The English question: ELO + alignment against full fine-tuning at equal tokens, per setting."""
+    t = results["target"]
+    lines = [f"| setting | base ppl en / {t} | full: en | full: {t} | ELO + align: en | ELO + align: {t} "
+             f"| ELO keeps English as well as full? | target gain kept (of full's) |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for c in comparisons(results):
+        b, e, f = c["base"], c["elo"], c["full"]
+        full_cells = [_ppl(b["en"], f["en"]), _ppl(b[t], f[t])] if f else ["(no full row)", ""]
+        verdict = ("yes" if c["english_as_well"] else "no") if f else "-"
+        kept = f"{100 * c['target_kept']:.0f}%" if f and c.get("target_kept") is not None else "-"
+        lines.append(f"| {c['setting']} | {b['en']:.1f} / {b[t]:,.0f} | {full_cells[0]} | {full_cells[1]} | "
+                     f"{_ppl(b['en'], e['en'])} | {_ppl(b[t], e[t])} | {verdict} | {kept} |")
+    return "\n".join(lines)
+
+
+def ratio_rows(results: dict) -> list[dict]:
+    """The English:target sweep of ELO: comparisons whose only change is en_share, by share."""
+    sweep = [c for c in comparisons(results) if set(c["row"]["changes"]) <= {"en_share"}]
+    return sorted(sweep, key=lambda c: c["en_share"])
+
+
+def ratio_table(results: dict) -> str:
+    t = results["target"]
+    lines = [f"| English:{t} | ELO no align: en | ELO no align: {t} | ELO + align: en | ELO + align: {t} |",
+             "|---|---:|---:|---:|---:|"]
+    for c in ratio_rows(results):
+        b, s = c["base"], c["en_share"]
+        ratio = f"{s * 10:g}:{(1 - s) * 10:g}"
+        lines.append(f"| {ratio} | {_ppl(b['en'], c['no_align']['en'])} | {_ppl(b[t], c['no_align'][t])} | "
+                     f"{_ppl(b['en'], c['elo']['en'])} | {_ppl(b[t], c['elo'][t])} |")
+    full = next((r for r in results["rows"] if r["method"] == "full" and not r["changes"]), None)
+    if full:
+        b, f = results["bases"][full["base"]]["perplexity"], full["result"]["perplexity"]["full"]
+        s = full["size"]["en_share"]
+        lines.append(f"| full fine-tuning, {s * 10:g}:{(1 - s) * 10:g} | | | {_ppl(b['en'], f['en'])} | {_ppl(b[t], f[t])} |")
+    return "\n".join(lines)
+
+
+def all_rows_table(results: dict) -> str:
+    """Every row run, every model it produced, with the command that runs it."""
+    t = results["target"]
+    lines = [f"| setting | model | tokens | wall s | worker CPU s | ppl en (vs its base) | ppl {t} (vs its base) | command |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in model_rows(results, results["rows"])[1:]:
+        trained = [s for s in r["stages"] if s.get("loop_s") is not None]
+        cpu = [s.get("cpu_s") for s in trained]
+        b = r["base"]["perplexity"]
+        lines.append(f"| {setting_label(r['row']['changes'])} | {r['model']} | {_fmt_tokens(r['tokens'])} | "
+                     f"{_fmt_s(sum(s['wall_s'] for s in r['stages']))} | "
+                     f"{_fmt_s(sum(cpu)) if cpu and None not in cpu else '-'} | {_ppl(b['en'], r['perplexity']['en'])} | "
+                     f"{_ppl(b[t], r['perplexity'][t])} | `{r['row']['command']}` |")
+    for key, base in results["bases"].items():
+        lines.append(f"| base {key} | {_base_label(results, base)} | {_fmt_tokens(base['run']['tokens'])} | "
+                     f"{_fmt_s(base['run']['wall_s'])} | {_fmt_s(base['run'].get('cpu_s'))} | {base['perplexity']['en']:.1f} | "
+                     f"{base['perplexity'][t]:,.1f} | (built by the first row that needs it) |")
+    return "\n".join(lines)
+
+
 def reproduce(results: dict) -> str:
-    """The command that reproduces these results (where they are written aside)."""
-    sets = "".join(f" --set {o}" for o in results.get("overrides", []))
+    """The command that runs the preset's comparison into these results."""
     device = " --device cuda" if results.get("device") == "cuda" else ""
-    return f"benchmarks/replicate.py --size {results['size_name']}{device}{sets}"
+    return f"benchmarks/replicate.py --size {results['size_name']} --target {results['target']}{device}"
 
 
 def markdown(results: dict) -> str:
-    """The whole report: settings, corpus, perplexity table, time table."""
-    s, info = results["size"], results["info"]
-    base = results["base"]
-    lines = [
-        f"# Replication in miniature: `{reproduce(results)}` on {results['device_name']}",
-        "",
-        f"Base model: Llama-shaped, {s['num_layers']} layers, hidden {s['hidden_size']}, "
-        f"{base['params'] / 1e6:.1f}M parameters, vocabulary {info.get('vocab_size', s['vocab_size'])}, "
-        f"pretrained from scratch on {_fmt_tokens(base['run']['tokens'])} English tokens "
-        f"({_fmt_s(base['run']['wall_s'])} s{', by an earlier invocation, reused' if info.get('base_reused_from') else ''}). "
-        f"Continual pretraining: {_fmt_tokens(s['cp_tokens'])} tokens per method, "
-        f"English:Japanese 1:9, sequences of {s['seq_len']}; ELO spends {100 * (1 - s['align_share']):.0f}% of them "
-        f"on its layers and {100 * s['align_share']:.0f}% on alignment. Learning rates: full {s['cp_lr']:g}, "
-        f"ELO {s['cp_lr']:g}, LoRA {s['lora_lr']:g}, alignment {s['align_lr']:g} (warm-up, cosine to 10%).",
-        "",
-        "## Corpus (Debian manual pages)",
-        "",
-        corpus_table(results),
-        "",
-        "## Held-out perplexity (lower is better)",
-        "",
-        perplexity_table(results),
-        "",
-        "## Time per stage (seconds, wall clock, one run on the same machine)",
-        "",
-        time_table(results),
-        "",
-        f"Machine: {info.get('cpus')} CPUs, torch {info.get('torch')}, {info.get('gpu', 'no GPU')}; load average "
-        f"{'/'.join(f'{x:.1f}' for x in info.get('load_average_at_start', []))} at the start and "
-        f"{'/'.join(f'{x:.1f}' for x in info.get('load_average_at_end', []))} at the end; this invocation "
-        f"{_fmt_s(info.get('total_s'))} s; elo-ray {info.get('elo_ray_commit', '?')}.",
-        "",
-    ]
+    """The whole report: settings, corpus, the paper's comparison, the sweep, the English question, every row."""
+    rows = preset_rows(results)
+    info = results["info"]
+    t = results["target"]
+    lines = [f"# Replication in miniature: `{reproduce(results)}` on {results.get('device_name', '?')}", ""]
+    if rows:
+        s = rows[0]["size"]
+        base = results["bases"][rows[0]["base"]]
+        lines += [
+            f"Base model: Llama-shaped, {s['num_layers']} layers, hidden {s['hidden_size']}, "
+            f"{base['params'] / 1e6:.1f}M parameters, vocabulary {info.get('vocab_size', s['vocab_size'])}, "
+            f"pretrained from scratch on {_fmt_tokens(base['run']['tokens'])} tokens ({_fmt_s(base['run']['wall_s'])} s). "
+            f"Continual pretraining: {_fmt_tokens(s['cp_tokens'])} tokens per method, "
+            f"English:{_name(t)} {10 * s['en_share']:g}:{10 * (1 - s['en_share']):g}, sequences of {s['seq_len']}; "
+            f"ELO spends {100 * (1 - s['align_share']):.0f}% of them on its layers and {100 * s['align_share']:.0f}% "
+            f"on alignment. Learning rates: full {s['cp_lr']:g}, ELO {s['elo_lr'] or s['cp_lr']:g}, LoRA {s['lora_lr']:g}, "
+            f"alignment {s['align_lr']:g} (warm-up, cosine to 10%).", ""]
+    lines += ["## Corpus (Debian manual pages)", "", corpus_table(results), ""]
+    if rows:
+        lines += ["## Held-out perplexity: the paper's comparison (lower is better)", "", perplexity_table(results, rows), "",
+                  "## Time per stage (seconds, wall clock)", "", time_table(results, rows), ""]
+    if len(ratio_rows(results)) > 1:
+        lines += [f"## English:{_name(t)} ratio of ELO's tokens (ELO + align, first + last layers)", "",
+                  ratio_table(results), ""]
+    if any(c["full"] for c in comparisons(results)):
+        lines += ["## The English question: ELO + alignment against full fine-tuning at equal tokens", "",
+                  english_table(results), ""]
+    lines += ["## Every row", "", all_rows_table(results), "",
+              f"Machine: {info.get('cpus')} CPUs, torch {info.get('torch')}; each row's load average and commit are "
+              "in results.json.", ""]
     return "\n".join(lines)
 
 
@@ -168,8 +295,8 @@ def plot_perplexity(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    rows = model_rows(results)
-    langs = sorted(results["base"]["perplexity"])
+    rows = model_rows(results, preset_rows(results))
+    langs = _langs(results)
     fig, axes = plt.subplots(1, len(langs), figsize=(6 * len(langs), 0.5 * len(rows) + 1.5), squeeze=False)
     labels = [r["model"] for r in rows]
     colours = ["#999999"] + [
@@ -189,7 +316,7 @@ def plot_perplexity(results: dict, path: Path) -> None:
             ax.xaxis.set_minor_formatter(NullFormatter())
         else:
             ax.set_xlim(0.9 * min(values), 1.05 * max(values))
-        ax.set_title(f"held-out perplexity, {LANG_NAMES.get(lang, lang)} (lower is better)")
+        ax.set_title(f"held-out perplexity, {_name(lang)} (lower is better)")
         ax.margins(x=0.15)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -201,7 +328,7 @@ def plot_time(results: dict, path: Path) -> None:
     seconds in the training loops, which a shared machine's other load disturbs far less."""
     import matplotlib.pyplot as plt
 
-    methods = results["methods"]
+    methods = [r["result"] for r in preset_rows(results)]
     has_cpu = all(s.get("cpu_s") is not None for m in methods for s in m["stages"] if s.get("loop_s") is not None)
     fig, axes = plt.subplots(1, 2 if has_cpu else 1, figsize=(13 if has_cpu else 9, 0.6 * len(methods) + 1.8),
                              squeeze=False)
@@ -221,7 +348,7 @@ def plot_time(results: dict, path: Path) -> None:
         ax.text(left, i, f" {left:,.0f} s", va="center", fontsize=9)
     ax.set_yticks(range(len(methods)), [m["name"] for m in methods])
     ax.invert_yaxis()
-    ax.set_xlabel(f"wall seconds, {_fmt_tokens(results['size']['cp_tokens'])} tokens per method")
+    ax.set_xlabel(f"wall seconds, {_fmt_tokens(preset_rows(results)[0]['size']['cp_tokens'])} tokens per method")
     ax.set_title("wall time by method and stage")
     ax.margins(x=0.15)
     if has_cpu:
@@ -251,13 +378,14 @@ def plot_loss(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.2))
-    curve = results["base"]["run"]["curve"]
+    rows = preset_rows(results)
+    curve = results["bases"][rows[0]["base"]]["run"]["curve"] if rows else []
     if curve:
         ax0.plot([t for t, _ in curve], [v for _, v in curve], color="#555555")
     ax0.set_title("base model: pretraining from scratch on English")
     ax0.set_xlabel("tokens")
     ax0.set_ylabel("training loss")
-    for i, m in enumerate(results["methods"]):
+    for i, m in enumerate(r["result"] for r in rows):
         offset = 0
         for s in m["stages"]:
             if not s.get("curve"):
@@ -266,7 +394,7 @@ def plot_loss(results: dict, path: Path) -> None:
             style = "--" if s["stage"] == "align" else "-"
             ax1.plot(xs, [v for _, v in s["curve"]], style, color=f"C{i}", label=f"{m['name']}: {s['stage']}")
             offset += s["tokens"]
-    ax1.set_title("continual pretraining (English:Japanese 1:9)")
+    ax1.set_title(f"continual pretraining (English:{_name(results['target'])})")
     ax1.set_xlabel("tokens")
     ax1.set_ylabel("training loss")
     ax1.legend(fontsize=7)
@@ -275,15 +403,90 @@ def plot_loss(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_ratio(results: dict, path: Path) -> None:
+    """English and target perplexity change against the English share of ELO's tokens, full
+    fine-tuning at its share as a reference point."""
+    import matplotlib.pyplot as plt
+
+    t = results["target"]
+    sweep = ratio_rows(results)
+    full = next((r for r in results["rows"] if r["method"] == "full" and not r["changes"]), None)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, lang in zip(axes, ("en", t)):
+        xs = [100 * c["en_share"] for c in sweep]
+        for key, label, style in (("elo", "ELO + align", "o-"), ("no_align", "ELO, no align", "s--")):
+            ys = [_delta(c["base"][lang], c[key][lang]) for c in sweep]
+            ax.plot(xs, ys, style, label=label, color="#2e8540" if key == "elo" else "#8fd19e")
+            for x, y in zip(xs, ys):
+                ax.annotate(f"{y:+.0f}%", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if full:
+            b, f = results["bases"][full["base"]]["perplexity"], full["result"]["perplexity"]["full"]
+            y = _delta(b[lang], f[lang])
+            ax.plot([100 * full["size"]["en_share"]], [y], "D", color="#4c72b0", label="full fine-tuning")
+            ax.annotate(f"{y:+.0f}%", (100 * full["size"]["en_share"], y), textcoords="offset points",
+                        xytext=(4, -12), fontsize=8, color="#4c72b0")
+        ax.axhline(0, color="#555555", linewidth=0.8)
+        ax.set_xlabel(f"English share of the continual-pretraining tokens (%; the rest {_name(t)})")
+        ax.set_ylabel("held-out perplexity change vs the base (%)")
+        ax.set_title(f"{_name(lang)} perplexity change (lower is better)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_english(results: dict, path: Path) -> None:
+    """Per setting: English perplexity change and target perplexity of ELO + align beside its
+    full fine-tuning reference."""
+    import matplotlib.pyplot as plt
+
+    t = results["target"]
+    comps = [c for c in comparisons(results) if c["full"]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.55 * len(comps) + 1.8), squeeze=False)
+    ys = range(len(comps))
+    for ax, lang in zip(axes[0], ("en", t)):
+        h = 0.38
+        elo = [c["elo"][lang] for c in comps]
+        full = [c["full"][lang] for c in comps]
+        if lang == "en":
+            elo = [_delta(c["base"]["en"], v) for c, v in zip(comps, elo)]
+            full = [_delta(c["base"]["en"], v) for c, v in zip(comps, full)]
+        ax.barh([y - h / 2 for y in ys], elo, height=h, color="#2e8540", label="ELO + align")
+        ax.barh([y + h / 2 for y in ys], full, height=h, color="#4c72b0", label="full fine-tuning (same base, tokens)")
+        for y, a, b in zip(ys, elo, full):
+            fmt = (lambda v: f" {v:+.0f}%") if lang == "en" else (lambda v: f" {v:,.0f}")
+            ax.text(a, y - h / 2, fmt(a), va="center", fontsize=7)
+            ax.text(b, y + h / 2, fmt(b), va="center", fontsize=7)
+        ax.set_yticks(list(ys), [c["setting"] for c in comps] if lang == "en" else [""] * len(comps))
+        ax.invert_yaxis()
+        if lang == "en":
+            ax.set_title("English perplexity change vs its base (%, lower is better)")
+        else:
+            ax.set_xscale("log")
+            ax.set_title(f"{_name(t)} held-out perplexity (log, lower is better)")
+        ax.margins(x=0.2)
+    axes[0][0].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(results: dict, out_dir: Path) -> list[Path]:
-    """results.md, perplexity.png, time.png and loss.png in `out_dir`; returns their paths."""
+    """results.md and the plots there are rows for, in `out_dir`; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.md", out_dir / "perplexity.png", out_dir / "time.png", out_dir / "loss.png"]
+    paths = [out_dir / "results.md"]
     paths[0].write_text(markdown(results), encoding="utf-8")
-    plot_perplexity(results, paths[1])
-    plot_time(results, paths[2])
-    plot_loss(results, paths[3])
+    plots = []
+    if preset_rows(results):
+        plots += [("perplexity.png", plot_perplexity), ("time.png", plot_time), ("loss.png", plot_loss)]
+    if len(ratio_rows(results)) > 1:
+        plots.append(("ratio.png", plot_ratio))
+    if any(c["full"] for c in comparisons(results)):
+        plots.append(("english.png", plot_english))
+    for name, plot in plots:
+        paths.append(out_dir / name)
+        plot(results, paths[-1])
     return paths

@@ -1,0 +1,64 @@
+"""The compared methods: each turns the base model into a model of the target language on the same
+token budget, `Size.cp_tokens`, as the paper compares them (DESIGN.md).
+
+- full:        full fine-tuning of the base on the mixed stream, all the tokens.
+- lora:        LoRA adapters on every linear layer, the same tokens, merged into the weights after.
+- elo:         detach the first and last layers, train them on `(1 - align_share)` of the tokens,
+               merge them back ("no align"), then full fine-tuning of the merged model on the rest,
+               from separate alignment text ("+ align"): the paper's 9 GB of ELO and 1 GB of alignment.
+- elo-middle:  the same with the two middle layers (the paper's (16, 17) of 32).
+
+A new method is one function `(Experiment, MethodOptions) -> MethodResult` added to `METHODS`;
+its rows then run with `replicate.py --methods NAME` and appear in every table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from replicate.experiment import Experiment, MethodResult
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """Choices of a run that are not fields of the size preset."""
+
+    middle_layers: tuple[int, int] | None = None  # elo-middle's pair (default: Size.middle_pair)
+
+
+def full_or_lora(exp: Experiment, kind: str) -> MethodResult:
+    """`kind` (full or lora) on all of cp_tokens, English share en_share."""
+    s = exp.size
+    res = MethodResult(name=kind, kind=kind, layers=None)
+    run_dir = exp.runs / kind
+    out = run_dir / "model"
+    lr = s.cp_lr if kind == "full" else s.lora_lr
+    res.stages.append(exp.train("cp", run_dir, exp.base_dir, out, method=kind, lr=lr,
+                                data_cfg=exp.data_config("train", s.cp_tokens, s.en_share)))
+    res.perplexity[kind] = exp.perplexity(out)
+    res.trainable_params = exp.trainable_params(exp.base_dir, kind)
+    return res
+
+
+def elo(exp: Experiment, layers: tuple[int, ...]) -> MethodResult:
+    """ELO on `layers`: detach, train, merge ("no align"), then align ("+ align")."""
+    name = f"elo {tuple(layers)}"
+    res = MethodResult(name=name, kind="elo", layers=list(layers))
+    run_dir = exp.runs / ("elo-" + "-".join(map(str, layers)))
+    stages, merged = exp.detach_merge(layers, run_dir)
+    res.stages.extend(stages)
+    res.perplexity[f"{name} no align"] = exp.perplexity(merged)
+    align, aligned = exp.align(merged, run_dir)
+    res.stages.append(align)
+    res.perplexity[f"{name} + align"] = exp.perplexity(aligned)
+    res.trainable_params = exp.trainable_params(run_dir / "elo-init", "elo")
+    return res
+
+
+METHODS: dict[str, Callable[[Experiment, MethodOptions], MethodResult]] = {
+    "full": lambda exp, opt: full_or_lora(exp, "full"),
+    "lora": lambda exp, opt: full_or_lora(exp, "lora"),
+    "elo": lambda exp, opt: elo(exp, (0, exp.size.num_layers - 1)),
+    "elo-middle": lambda exp, opt: elo(exp, opt.middle_layers or exp.size.middle_pair),
+}
