@@ -114,6 +114,15 @@ def test_heldout_pages_are_a_stable_hash_of_the_name():
     assert all(corpus.is_heldout(n, 100.0) for n in names)
 
 
+def test_a_page_sample_keeps_the_held_out_share_by_the_same_hash():
+    pages = [Path(f"/usr/share/man/man{i % 8}/page{i}.{i % 8}.gz") for i in range(2000)]
+    sample = corpus.sample_pages(pages, 12, 25.0)
+    held = [p for p in sample if corpus.is_heldout(corpus.page_name(p), 25.0)]
+    assert len(sample) == 12 and len(held) == 3 and len({p.parent.name for p in sample}) > 4
+    assert sample == sorted(sample, key=corpus.page_name)
+    assert len([p for p in corpus.sample_pages(pages, 12, 0.1) if corpus.is_heldout(corpus.page_name(p), 0.1)]) == 1
+
+
 def _stage(stage, wall, loop=None, tokens=0):
     return {"stage": stage, "wall_s": wall, "loop_s": loop, "cpu_s": 2 * loop if loop else None, "tokens": tokens, "steps": 1,
             "tokens_per_s": tokens / loop if loop else None, "peak_memory_gb": 1.5 if loop else None,

@@ -176,6 +176,20 @@ def page_name(page: Path) -> str:
     return f"{page.parent.name}/{name}"  # e.g. man2/open.2 (the same name in both languages)
 
 
+def _spread(items: list, n: int) -> list:
+    """`n` items spread over `items` (not the first n: those would all be man1 pages)."""
+    return items[:: max(1, len(items) // n)][:n] if n > 0 else []
+
+
+def sample_pages(pages: list[Path], n: int, heldout_pct: float) -> list[Path]:
+    """A spread-out sample of `n` pages with held-out pages (by the same hash of the name) in
+    their share, at least one: a dozen pages picked blindly can hold out none."""
+    held = [p for p in pages if is_heldout(page_name(p), heldout_pct)]
+    rest = [p for p in pages if not is_heldout(page_name(p), heldout_pct)]
+    n_held = min(len(held), max(1, round(n * heldout_pct / 100)))
+    return sorted(_spread(held, n_held) + _spread(rest, n - n_held), key=page_name)
+
+
 def build_language(language: str, out_dir: Path, *, max_pages: int | None, heldout_pct: float,
                    workers: int) -> LanguageCorpus:
     """Render, split, filter, deduplicate and write one language's train/heldout JSONL
@@ -187,9 +201,7 @@ def build_language(language: str, out_dir: Path, *, max_pages: int | None, heldo
     pages = sorted({p for pkg in packages for p in package_pages(pkg, man_dir)}, key=page_name)
     pages = [p for p in pages if not is_alias(p)]
     if max_pages is not None:
-        # A spread-out sample (not the first N, which would all be man1 pages).
-        step = max(1, len(pages) // max_pages)
-        pages = pages[::step][:max_pages]
+        pages = sample_pages(pages, max_pages, heldout_pct)
     if not pages:
         raise CorpusError(f"the packages {packages} hold no manual pages for {language}")
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:

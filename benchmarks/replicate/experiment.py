@@ -118,6 +118,7 @@ class StageRun:
     data_wait_s: float | None = None  # of loop_s, waiting for the data stream
     tokens: int = 0  # trained tokens
     steps: int = 0
+    resumed_from_step: int = 0  # > 0: an interrupted run resumed there (wall_s is the last invocation's)
     tokens_per_s: float | None = None  # tokens / loop_s
     peak_memory_gb: float | None = None  # worker peak RSS on CPU, peak allocated on GPU
     final_loss: float | None = None
@@ -323,25 +324,29 @@ class Experiment:
 
         return ResourcesConfig(num_workers=1, use_gpu=self.device == "cuda", cpus_per_worker=1.0, max_failures=0)
 
-    def train_config(self, method: str, lr: float, tokens: int):
+    def train_config(self, method: str, lr: float, tokens: int, checkpoints: int = 0):
         from elo_ray.config import TrainConfig
 
         steps = max(1, tokens // (self.size.seq_len * self.size.micro_batch_size))
         return TrainConfig(
             method=method, lr=lr, min_lr_ratio=0.1, warmup_steps=max(1, steps // 20), weight_decay=0.0,
-            micro_batch_size=self.size.micro_batch_size, grad_accum=1, checkpoint_every=10**9,
+            micro_batch_size=self.size.micro_batch_size, grad_accum=1,
+            checkpoint_every=max(50, steps // checkpoints) if checkpoints else 10**9,  # none in a short run
             log_every=max(1, min(self.size.log_every, steps // 4)), lora_rank=self.size.lora_rank,
             lora_alpha=2.0 * self.size.lora_rank, seed=self.seed,
         )
 
     def train(self, stage: str, run_dir: Path, model_dir: Path, out_dir: Path, *, method: str, lr: float,
-              data_cfg) -> StageRun:
-        """One training stage through elo-ray's engine, from scratch (earlier runs are removed)."""
+              data_cfg, checkpoints: int = 0) -> StageRun:
+        """One training stage through elo-ray's engine, from scratch (earlier runs are removed), or,
+        with `checkpoints` > 0, saving at most that many checkpoints and resuming an interrupted run of the
+        same `run_dir` from its last one."""
         from elo_ray import data
         from elo_ray.train import run_training
 
         storage_dir = run_dir / "ray"
-        shutil.rmtree(storage_dir / stage, ignore_errors=True)
+        if not checkpoints:
+            shutil.rmtree(storage_dir / stage, ignore_errors=True)
         shutil.rmtree(out_dir, ignore_errors=True)
         began = time.perf_counter()
         plan = data.plan_pretrain_stream(data_cfg, str(self.tokenizer_dir), world_size=1)
@@ -349,7 +354,7 @@ class Experiment:
         began = time.perf_counter()
         result = run_training(
             name=stage, model_uri=str(model_dir), output_uri=str(out_dir), storage_uri=str(storage_dir),
-            train=self.train_config(method, lr, data_cfg.max_tokens), resources=self.resources(), plan=plan,
+            train=self.train_config(method, lr, data_cfg.max_tokens, checkpoints), resources=self.resources(), plan=plan,
             seq_len=self.size.seq_len,
         )
         wall = time.perf_counter() - began
@@ -359,7 +364,7 @@ class Experiment:
         tokens = int(m.get("tokens_total", 0))
         run = StageRun(
             stage=stage, wall_s=wall, loop_s=loop_s, cpu_s=loop["cpu_s"], data_wait_s=loop["data_wait_s"],
-            tokens=tokens, steps=result.steps,
+            tokens=tokens, steps=result.steps, resumed_from_step=result.resumed_from_step,
             tokens_per_s=tokens / loop_s if loop_s else None, peak_memory_gb=m.get("peak_memory_gb"),
             final_loss=curve[-1][1] if curve else None, plan_s=plan_s, curve=curve,
             tokens_by_language={k.removeprefix("tokens_"): int(v) for k, v in m.items()
@@ -395,7 +400,10 @@ class Experiment:
             max_position_embeddings=s.seq_len, bos_token_id=None, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
         )
-        init = self.runs / "base" / "init"
+        # A base takes the longest of any stage: it saves checkpoints, and a rerun after a crash
+        # resumes it (its folder is its settings' key, so nothing else resumes into it).
+        run_dir = self.runs / f"base-{self.base_key}"
+        init = run_dir / "init"
         shutil.rmtree(init, ignore_errors=True)
         model = tiny_model(config, seed=self.seed)
         model.save_pretrained(init)
@@ -404,7 +412,8 @@ class Experiment:
         log(f"base {self.base_key}: pretraining a {s.num_layers}-layer Llama of {params / 1e6:.1f}M parameters "
             f"from scratch on {s.base_tokens:,} tokens, {100 * (1 - s.base_target_share):.0f}% English")
         data_cfg = self.data_config("train", s.base_tokens, en_share=1 - s.base_target_share)
-        run = self.train("base", self.runs / "base", init, self.base_dir, method="full", lr=s.base_lr, data_cfg=data_cfg)
+        run = self.train("base", run_dir, init, self.base_dir, method="full", lr=s.base_lr, data_cfg=data_cfg,
+                         checkpoints=10)
         saved = {"key": self.base_key, "settings": settings, "params": params, "run": asdict(run),
                  "perplexity": self.perplexity(self.base_dir), "commit": self.info.get("elo_ray_commit")}
         marker.write_text(json.dumps(saved))
