@@ -111,16 +111,22 @@ def start_ray(args: argparse.Namespace) -> None:
     # On a loaded machine (load 30 on 2 cores, many Ray instances) the raylet can give up waiting
     # for its metrics agent ("Timed out waiting for file .../metrics_agent_port_...") and ray.init
     # fails with "The current node timed out during startup"; a later attempt usually starts.
+    import psutil  # Ray depends on it
+
     for attempt in range(1, 6):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
             ray.init(address="local", num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0,
                      include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
             return
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            # The failed start leaves its GCS server, dashboard and monitors running: end them.
+            for p in psutil.Process().children(recursive=True):
+                if p.pid not in before:
+                    p.kill()
             if "timed out during startup" not in str(e) or attempt == 5:
                 raise
             log(f"Ray did not start (attempt {attempt} of 5: {e}); trying again")
-            ray.shutdown()
 
 
 def publish(paths: list[Path], results_json: Path) -> None:

@@ -124,7 +124,7 @@ MATRICES = {
     "ratio": [Row("full"), Row("elo"), *_SWEEP],
     "english": [Row("full"), Row("elo"), *_ENGLISH],
     # Everything issue 16 asks for, cheapest answers to the English question first.
-    "all": [Row("full"), Row("elo"), *_ENGLISH[:4], *_SWEEP, *_ENGLISH[4:], Row("lora"), Row("elo-middle")],
+    "all": [Row("elo"), Row("full"), *_ENGLISH[:4], *_SWEEP, *_ENGLISH[4:], Row("lora"), Row("elo-middle")],
 }
 
 
