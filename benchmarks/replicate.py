@@ -110,10 +110,12 @@ def start_ray(args: argparse.Namespace) -> None:
     # "local": always a Ray of our own, never a cluster some other process started on this machine.
     # On a loaded machine (load 30 on 2 cores, many Ray instances) the raylet can give up waiting
     # for its metrics agent ("Timed out waiting for file .../metrics_agent_port_...") and ray.init
-    # fails with "The current node timed out during startup"; a later attempt usually starts.
+    # fails with "The current node timed out during startup"; at `nice -n 19` that happened five
+    # times in a row, so a long matrix keeps trying, for about half an hour.
     import psutil  # Ray depends on it
 
-    for attempt in range(1, 6):
+    attempts = 30
+    for attempt in range(1, attempts + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
             ray.init(address="local", num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0,
@@ -124,9 +126,10 @@ def start_ray(args: argparse.Namespace) -> None:
             for p in psutil.Process().children(recursive=True):
                 if p.pid not in before:
                     p.kill()
-            if "timed out during startup" not in str(e) or attempt == 5:
+            if "timed out during startup" not in str(e) or attempt == attempts:
                 raise
-            log(f"Ray did not start (attempt {attempt} of 5: {e}); trying again")
+            log(f"Ray did not start (attempt {attempt} of {attempts}: {e}); trying again in 30 s")
+            time.sleep(30)
 
 
 def publish(paths: list[Path], results_json: Path) -> None:

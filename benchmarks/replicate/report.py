@@ -462,7 +462,11 @@ def plot_english(results: dict, path: Path) -> None:
         if lang == "en":
             ax.set_title("English perplexity change vs its base (%, lower is better)")
         else:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(f"{_name(t)} held-out perplexity (log, lower is better)")
         ax.margins(x=0.2)
     axes[0][0].legend(fontsize=8, loc="lower right")
