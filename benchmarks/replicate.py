@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a field of the size preset for every row, e.g. --set elo_lr=1e-4 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--nice", type=int, default=0, metavar="N",
+                   help="once Ray has started, lower this process and all of Ray's to niceness N (on a shared "
+                   "machine: 19; `nice -n 19` on the command line starves Ray's own start-up)")
     p.add_argument("--fresh", action="store_true",
                    help="remove the tokenizers, base models and results.json under --out first (the corpus is rebuilt "
                    "only when its settings change)")
@@ -120,7 +123,7 @@ def start_ray(args: argparse.Namespace) -> None:
         try:
             ray.init(address="local", num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0,
                      include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
-            return
+            break
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
             # The failed start leaves its GCS server, dashboard and monitors running: end them.
             for p in psutil.Process().children(recursive=True):
@@ -130,6 +133,12 @@ def start_ray(args: argparse.Namespace) -> None:
                 raise
             log(f"Ray did not start (attempt {attempt} of {attempts}: {e}); trying again in 30 s")
             time.sleep(30)
+    if args.nice:
+        # Ray's start-up has fixed time limits, so it runs at the caller's priority; after it, the
+        # driver and every Ray process (the raylet's later workers inherit its niceness) yield.
+        for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+            p.nice(max(p.nice(), args.nice))
+        log(f"this process and Ray's run at niceness {args.nice} from here on")
 
 
 def publish(paths: list[Path], results_json: Path) -> None:
