@@ -109,11 +109,34 @@ class TrainConfig(Config):
     checkpoint_every: int = Field(500, gt=0, description="Optimizer steps between checkpoints.")
     log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")
     seed: int = Field(0, description="Seed of initialisation-free randomness (dropout, LoRA init).")
-    method: Literal["elo", "full", "lora"] = Field(
-        "full", description="Which parameters train: elo (detached layers), full (all), lora (adapters)."
+    method: Literal["elo", "full", "lora", "layers", "lora_layers"] = Field(
+        "full",
+        description="Which parameters train: elo (the detached layers; pretrain), full (all), lora "
+        "(adapters on every linear layer of the decoder), layers (the decoder layers `layers` and "
+        "`neighbours` on each side; all else frozen), lora_layers (those layers fully, LoRA adapters "
+        "on every other decoder layer). layers and lora_layers keep less optimizer state and fewer "
+        "gradients than full, so align peaks lower (benchmarks/README.md: what each keeps of full "
+        "alignment's recovery).",
     )
-    lora_rank: int = Field(16, gt=0, description="LoRA rank (method lora).")
-    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (method lora).")
+    lora_rank: int = Field(16, gt=0, description="LoRA rank (methods lora, lora_layers).")
+    lora_alpha: float = Field(32.0, gt=0, description="LoRA alpha (methods lora, lora_layers).")
+    layers: list[int] | None = Field(
+        None,
+        description="Decoder layers that train fully with methods layers and lora_layers (negative: "
+        "from the end). Unset: pretrain.layers, the layers ELO detached, whose seams with the "
+        "untouched layers alignment repairs.",
+    )
+    neighbours: int = Field(
+        1, ge=0, description="Methods layers, lora_layers: also train this many layers on each side of each of `layers`."
+    )
+    offload_to_cpu: bool = Field(
+        False,
+        description="FSDP2's CPUOffloadPolicy: the sharded fp32 parameters, their gradients and AdamW's "
+        "state live in host memory and the optimizer step runs on the CPU; the GPU holds the gathered "
+        "compute copies and the activations. Same result as without, slower (host-device copies and "
+        "a CPU AdamW every step); needs about 16 bytes of host memory per trained parameter / workers.",
+    )
+
     loss: Literal["auto", "plain", "chunked", "liger"] = Field(
         "auto",
         description="How the head's cross-entropy is computed (elo_ray/train/loss.py). chunked: head and "
@@ -126,13 +149,36 @@ class TrainConfig(Config):
     )
     frozen_params: Literal["replicate", "shard"] = Field(
         "replicate",
-        description="Frozen embedding, final norm and head (elo, lora): replicate keeps one copy per worker "
+        description="Frozen embedding, final norm and head (all methods but full): replicate keeps one copy per worker "
         "in the compute dtype outside FSDP, never gathered or cast; shard lets FSDP shard them like the "
         "trained layers (less memory at rest, an all-gather and a cast every step).",
     )
     compile_layers: bool = Field(
         False, description="torch.compile each decoder layer's forward (compiles on the first steps)."
     )
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct_layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"needs distinct layer indices, e.g. [0, -1], got {v}")
+        return v
+
+    def full_layers(self, num_layers: int) -> list[int]:
+        """The decoder layers that train fully under methods layers and lora_layers: `layers`
+        (set by now; the stage table fills it from pretrain.layers) widened by `neighbours`, in
+        order. Raises ValueError for an index outside the model's `num_layers` layers."""
+        if self.layers is None:
+            raise ValueError(f"method {self.method} needs train.layers (the decoder layers to train)")
+        bad = [i for i in self.layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"train.layers {self.layers}: {bad} out of range for a model with {num_layers} decoder layers; "
+                f"use 0..{num_layers - 1} or -{num_layers}..-1"
+            )
+        k = self.neighbours
+        return sorted({j for i in self.layers for j in range(i % num_layers - k, i % num_layers + k + 1)
+                       if 0 <= j < num_layers})
 
 
 class ResourcesConfig(Config):
@@ -215,12 +261,20 @@ class _WholeModelStage(Config):
     @classmethod
     def _whole_model(cls, v: TrainConfig) -> TrainConfig:
         if v.method == "elo":
-            raise ValueError("method elo trains detached layers and belongs to pretrain; use full or lora here")
+            raise ValueError(
+                "method elo trains detached layers and belongs to pretrain; use full, lora, layers or lora_layers here"
+            )
         return v
 
 
 class AlignStage(_WholeModelStage):
-    """Stage 3: brief full fine-tuning of the merged model on a bilingual set."""
+    """Stage 3: brief fine-tuning of the merged model on a bilingual set.
+
+    The paper's alignment is full fine-tuning (`train.method: full`), whose peak memory is that
+    of full fine-tuning. With less memory: `train.method: layers` (the detached layers and
+    `train.neighbours` on each side), `lora_layers` (those, plus LoRA on every other layer),
+    or `full` with `train.offload_to_cpu: true` (the same result, optimizer state in host memory).
+    """
 
     enabled: bool = True
     data: DataConfig | None = Field(None, description="Alignment data; unset: the pretrain data.")

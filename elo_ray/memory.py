@@ -26,6 +26,17 @@ parameters, T the trainable ones, c bytes per compute element (bf16: 2, fp32: 4)
                  gradients before their reduce-scatter. The peak is the larger moment, and the
                  breakdown shows that moment (activations 0 when it is the end of backward).
     other        OTHER_GIB (CUDA context, NCCL buffers) + ALLOCATOR_SLACK of the rest
+Which parameters train (T) and which layers keep activations follow `train.method`: full and
+elo train every layer; lora adapters R per layer; layers trains the layers of
+`train.full_layers` whole and freezes the rest; lora_layers adds adapters on the rest. A frozen
+layer above the lowest trained one saves A minus what only weight gradients need (the inputs of
+its linear layers and its norms' normalised x):
+    A_frozen = A - c*(2h + i) - n_norm*r*h  (- r*(q+kv) with qk_norm, - c*q with eager attention)
+and a layer below the lowest trained one saves nothing (no gradient reaches it).
+With `train.offload_to_cpu` (FSDP2's CPUOffloadPolicy) the P*4/N shards, the T*4/N gradient
+shards and the T*8/N optimizer state are in host memory (`host_gib`, per worker); the GPU keeps
+the gathered compute copies, each unit's fp32 shard while it is copied in for the all-gather,
+the gathered units' gradients before their reduce-scatter, and the activations.
 with A the bytes one decoder layer saves for backward per token, counted from what PyTorch
 saves in a bf16 Hugging Face layer with SDPA/flash attention (no s*s attention matrix), and
 checked in tests against the tensors a real forward saves:
@@ -98,6 +109,20 @@ def layer_activation_bytes(model_config: Any, compute_bytes: int = 2, seq_len: i
     return norms + linear_inputs + attention + mlp + qk_norm
 
 
+def frozen_layer_savings(model_config: Any, compute_bytes: int = 2) -> int:
+    """Bytes per token that a frozen decoder layer does not save, of what a trained one does
+    (A - A_frozen in the module docstring): what only its weight gradients need."""
+    d = dims(model_config)
+    c = compute_bytes
+    r = 4 if d.arch.fp32_norm_output else c
+    saved = c * (2 * d.hidden + d.intermediate) + d.arch.norms_per_layer * r * d.hidden
+    if d.arch.qk_norm:
+        saved += r * (d.q + d.kv)
+    if d.arch.eager_attention:  # o_proj's input is a copy of the attention output there
+        saved += c * d.q
+    return saved
+
+
 def head_activation_bytes(model_config: Any, compute_bytes: int = 2) -> int:
     """Bytes per token of the final norm, the head and the loss at their peak (H)."""
     d = dims(model_config)
@@ -127,6 +152,7 @@ class StageMemory:
     activations_gib: float
     other_gib: float
     gpu_memory_gib: float
+    host_gib: float = 0.0  # per worker in host memory: what offload_to_cpu moved off the GPU
 
     @property
     def total_gib(self) -> float:
@@ -137,10 +163,11 @@ class StageMemory:
         return self.total_gib <= self.gpu_memory_gib
 
     def breakdown(self) -> str:
+        host = f"; {self.host_gib:.1f} more in host memory (offload_to_cpu)" if self.host_gib else ""
         return (
             f"weights {self.weights_gib:.1f}, grads {self.grads_gib:.1f}, "
             f"optimizer {self.optimizer_gib:.1f}, activations {self.activations_gib:.1f}, "
-            f"other {self.other_gib:.1f}"
+            f"other {self.other_gib:.1f}{host}"
         )
 
 
@@ -163,35 +190,44 @@ def _stage_memory(
     d = dims(model_config)
     n = spec.resources.num_workers
     c = _compute_bytes(train, spec.resources.use_gpu)
-    params = counts.with_layers(num_layers)
-    lora = 0
-    if train.method == "full":
-        trainable, root_trainable = params, counts.root
-    elif train.method == "elo":  # every decoder layer of the stage's model trains (train/model.py)
-        trainable, root_trainable = num_layers * counts.layer, 0
-    else:
-        lora = lora_params_per_layer(model_config, train.lora_rank) * num_layers
-        trainable, root_trainable = lora, 0
-    params += lora
-    layer_trainable = counts.layer if train.method != "lora" else lora // max(num_layers, 1)
+    whole, adapted = _trained_layers(train, num_layers)
+    lora_per_layer = lora_params_per_layer(model_config, train.lora_rank)
+    root_trainable = counts.root if train.method == "full" else 0
+    lora = lora_per_layer * len(adapted)
+    params = counts.with_layers(num_layers) + lora
+    trainable = len(whole) * counts.layer + lora + root_trainable
+    layer_trainable = counts.layer if whole else lora_per_layer  # of the largest gathered unit
     gathered_layers = min(2, num_layers)
-
-    weights = params * 4 / n + (counts.root + gathered_layers * counts.layer) * c
-    optimizer = trainable * 8 / n
+    gathered = (counts.root + gathered_layers * counts.layer) * c
 
     tokens = train.micro_batch_size * seq_len
     per_layer = layer_activation_bytes(model_config, c, seq_len)
+    frozen = per_layer - frozen_layer_savings(model_config, c)
+    lowest = min(whole | adapted, default=num_layers)
+    saving = range(lowest, num_layers)  # no gradient reaches a layer below the lowest trained one
     if train.activation_checkpointing:
-        layers = num_layers * tokens * c * d.hidden + tokens * per_layer
+        layers = len(saving) * tokens * c * d.hidden + (tokens * per_layer if saving else 0)
     else:
-        layers = num_layers * tokens * per_layer
+        layers = tokens * sum(per_layer if i in whole | adapted else frozen for i in saving)
     activations = layers + tokens * head_activation_bytes(model_config, c)
+
+    # The gathered units' gradients exist before their reduce-scatter; the fp32 gradient shards
+    # (T*4/N) live on the GPU, or in host memory with offload, as do the weights' shards and
+    # AdamW's state.
+    unit_grads = (root_trainable + gathered_layers * layer_trainable) * c
+    host = 0.0
+    if train.offload_to_cpu:
+        weights = gathered + max(counts.root, counts.layer) * 4 / n  # the shard copied in for the all-gather
+        optimizer, all_grads = 0.0, unit_grads
+        host = (params * 4 + trainable * 4 + trainable * 8) / n
+    else:
+        weights = params * 4 / n + gathered
+        optimizer, all_grads = trainable * 8 / n, trainable * 4 / n + unit_grads
 
     # Gradients appear as backward frees activations, so the two never peak together. At the
     # start of backward all activations live and only the head's gradient exists (full
     # fine-tuning); at its end the activations are gone and every gradient exists.
     head_grad = (counts.head or counts.embedding) * c if train.method == "full" else 0
-    all_grads = trainable * 4 / n + (root_trainable + gathered_layers * layer_trainable) * c
     if activations + head_grad >= all_grads:
         grads = head_grad
     else:
@@ -212,7 +248,17 @@ def _stage_memory(
         activations_gib=activations / GIB,
         other_gib=OTHER_GIB + ALLOCATOR_SLACK * subtotal,
         gpu_memory_gib=gpu_memory_gib,
+        host_gib=host / GIB,
     )
+
+
+def _trained_layers(train: TrainConfig, num_layers: int) -> tuple[set[int], set[int]]:
+    """(layers trained whole, layers with LoRA adapters) of a stage model of `num_layers` layers."""
+    if train.method in ("full", "elo"):
+        return set(range(num_layers)), set()
+    whole = set(train.full_layers(num_layers)) if train.method in stage_table.LAYER_METHODS else set()
+    adapted = set(range(num_layers)) - whole if train.method in ("lora", "lora_layers") else set()
+    return whole, adapted
 
 
 def estimate_memory(spec: JobSpec, model_config: Any, gpu_memory_gib: float) -> list[StageMemory]:
@@ -252,6 +298,7 @@ def _remedy(m: StageMemory, spec: JobSpec, model_config: Any) -> str:
     if seq >= 1024:
         options.append((f"lower {seq_key} to {seq // 2}", f"{seq_key}={seq // 2}"))
     options.append((f"shard over {2 * n} GPUs (resources.num_workers: {2 * n})", f"resources.num_workers={2 * n}"))
+    options += _method_options(spec, stage)
     fitting, helping = [], []
     for text, override in options:
         trial = _with_overrides(spec, [override])
@@ -263,6 +310,23 @@ def _remedy(m: StageMemory, spec: JobSpec, model_config: Any) -> str:
     if helping:
         return "no single change is enough; combine: " + ", ".join(helping)
     return "use GPUs with more memory"
+
+
+def _method_options(spec: JobSpec, stage: str) -> list[tuple[str, str]]:
+    """Ways to train `stage` with less memory that change what trains or where its state lives
+    (what each keeps of full alignment's recovery: benchmarks/README.md)."""
+    train = stage_table.training(spec, stage).train
+    options = []
+    if not train.offload_to_cpu:
+        options.append((f"keep {stage}'s weight shards, gradients and optimizer state in host memory "
+                        f"({stage}.train.offload_to_cpu: true; the same result, slower)",
+                        f"{stage}.train.offload_to_cpu=true"))
+    if train.method == "full":
+        options.append((f"train only the detached layers and their neighbours ({stage}.train.method: layers)",
+                        f"{stage}.train.method=layers"))
+        options.append((f"train those layers whole and LoRA adapters on the rest ({stage}.train.method: lora_layers)",
+                        f"{stage}.train.method=lora_layers"))
+    return options
 
 
 def memory_warnings(

@@ -3,13 +3,17 @@
     stage     takes the output of                 reads (spec keys)
     pretrain  -                                   pretrain.*, model.base (unless pretrain.init_from), tokenizer
     merge     pretrain                            merge.*, model.base
-    align     merge                               align.*, tokenizer; pretrain.data when align.data is unset
+    align     merge                               align.*, tokenizer; pretrain.data when align.data is unset;
+                                                  pretrain.layers when its method trains layers (below)
     instruct  the latest of merge, align          instruct.*, tokenizer when sft_enabled;
-                                                  model.instruct and model.base when the chat vector is on
+                                                  model.instruct and model.base when the chat vector is on;
+                                                  pretrain.layers when its method trains layers (below)
     eval      every enabled one of merge, align,  eval.*, pretrain.data (held-out documents), model.base,
               instruct                            tokenizer
 
 "tokenizer" is `model.tokenizer` when it is set, else `model.base` (the model's own).
+A whole-model stage whose `train.method` is layers or lora_layers and whose `train.layers` is
+unset trains the detached layers, `pretrain.layers` (the table's `train` fills them in).
 `resources`, `storage` and `run_id` are read by no stage: moving a run to more GPUs or renaming
 it never invalidates a committed stage.
 
@@ -84,14 +88,32 @@ def _align_data(spec: JobSpec) -> tuple[str, Data]:
     return "pretrain.data", data
 
 
+LAYER_METHODS = ("layers", "lora_layers")
+"""Methods that train whole decoder layers of a whole-model stage (TrainConfig.layers)."""
+
+
+def _takes_detached_layers(train: TrainConfig) -> bool:
+    return train.method in LAYER_METHODS and train.layers is None
+
+
+def _with_layers(spec: JobSpec, train: TrainConfig) -> TrainConfig:
+    """`train`, with the detached layers (pretrain.layers) as the layers its method trains when unset."""
+    if not _takes_detached_layers(train):
+        return train
+    return train.model_copy(update={"layers": list(spec.pretrain.layers)})
+
+
 def _align_reads(spec: JobSpec) -> list[str]:
-    return ["align", tokenizer_key(spec)] + (["pretrain.data"] if spec.align.data is None else [])
+    return (["align", tokenizer_key(spec)] + (["pretrain.data"] if spec.align.data is None else [])
+            + (["pretrain.layers"] if _takes_detached_layers(spec.align.train) else []))
 
 
 def _instruct_reads(spec: JobSpec) -> list[str]:
     keys = ["instruct"]
     if spec.instruct.sft_enabled:
         keys.append(tokenizer_key(spec))
+        if _takes_detached_layers(spec.instruct.train):
+            keys.append("pretrain.layers")
     if spec.instruct.chat_vector.enabled:  # model.instruct unset -> set turns the chat vector on
         keys += ["model.instruct", "model.base"]
     return keys
@@ -114,12 +136,12 @@ TABLE: dict[str, Stage] = {
         Stage("merge", inputs=("pretrain",), takes="latest", reads=lambda spec: ["merge", "model.base"]),
         Stage(
             "align", inputs=("merge",), takes="latest", reads=_align_reads,
-            data=_align_data, train=lambda spec: spec.align.train,
+            data=_align_data, train=lambda spec: _with_layers(spec, spec.align.train),
         ),
         Stage(
             "instruct", inputs=("merge", "align"), takes="latest", reads=_instruct_reads,
             data=lambda spec: ("instruct.data", spec.instruct.data) if spec.instruct.sft_enabled else None,
-            train=lambda spec: spec.instruct.train if spec.instruct.sft_enabled else None,
+            train=lambda spec: _with_layers(spec, spec.instruct.train) if spec.instruct.sft_enabled else None,
             problems=_instruct_problems,
         ),
         Stage(

@@ -61,6 +61,11 @@ def stage_data(ctx: StageContext):
     return builtin.resolve_sources(cfg, ctx.spec.storage.root)
 
 
+def stage_train(ctx: StageContext) -> TrainConfig:
+    """The stage's train settings, as the stage table gives them (the layers a layer method trains filled in)."""
+    return stage_table.TABLE[ctx.stage].train(ctx.spec)
+
+
 def _train(ctx: StageContext, model_uri: str, train: TrainConfig, plan, seq_len: int) -> StageResult:
     output = storage.join(ctx.uri, "model")
     result = run_training(
@@ -115,10 +120,11 @@ def merge(ctx: StageContext) -> StageResult:
 
 @_on_ray
 def align(ctx: StageContext) -> StageResult:
-    """Brief full fine-tuning of the merged model on bilingual data."""
+    """Brief fine-tuning of the merged model on bilingual data (align.train.method: full, or one
+    that trains less of the model)."""
     data_cfg = stage_data(ctx)  # align.data, or the pretrain data within align.max_tokens
     plan = data.plan_pretrain_stream(data_cfg, tokenizer_uri(ctx), world_size=ctx.spec.resources.num_workers)
-    return _train(ctx, ctx.input_model(), ctx.spec.align.train, plan, data_cfg.seq_len)
+    return _train(ctx, ctx.input_model(), stage_train(ctx), plan, data_cfg.seq_len)
 
 
 @_on_ray
@@ -138,7 +144,7 @@ def instruct(ctx: StageContext) -> StageResult:
         return StageResult(uris={"model": model_uri})
     data_cfg = stage_data(ctx)
     plan = data.plan_chat_stream(data_cfg, tokenizer_uri(ctx), world_size=spec.resources.num_workers)
-    return _train(ctx, model_uri, cfg.train, plan, data_cfg.seq_len)
+    return _train(ctx, model_uri, stage_train(ctx), plan, data_cfg.seq_len)
 
 
 def _perplexities(models: dict[str, str], heldout: dict[str, list[list[int]]], use_gpu: bool) -> dict[str, dict[str, float]]:

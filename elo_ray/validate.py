@@ -107,6 +107,29 @@ def check_warm_start(spec: JobSpec, layers: tuple[int, ...]) -> list[str]:
     return []
 
 
+def check_trained_layers(spec: JobSpec, config) -> list[str]:
+    """The layers a whole-model stage trains with method layers or lora_layers exist in the base
+    model, and lora_layers leaves some layer to LoRA."""
+    problems = []
+    n = config.num_hidden_layers
+    for t in stage_table.trainings(spec):
+        if t.elo or t.train.method not in stage_table.LAYER_METHODS:
+            continue
+        key = f"{t.stage}.train.layers" if getattr(spec, t.stage).train.layers is not None else "pretrain.layers"
+        try:
+            whole = t.train.full_layers(n)
+        except ValueError as e:
+            problems.append(f"{key}: {e}")
+            continue
+        if t.train.method == "lora_layers" and len(whole) == n:
+            problems.append(
+                f"{t.stage}.train.method: lora_layers trains layers {whole} whole ({key} and "
+                f"{t.stage}.train.neighbours={t.train.neighbours}), every one of the model's {n}: none is left for "
+                f"LoRA; use method layers, or lower {t.stage}.train.neighbours"
+            )
+    return problems
+
+
 def check_data(spec: JobSpec, config=None) -> list[str]:
     """Every data section: its sources read and a sample of each parses; its seq_len fits `config`
     (the base model's config, when it could be read)."""
@@ -135,15 +158,17 @@ def validate(spec: JobSpec, cluster: str | None = None) -> Report:
         return report  # model and data checks would only repeat the storage failure
     model_problems, config = check_model(spec)
     report.problems += model_problems
+    layer_problems = check_trained_layers(spec, config) if config is not None else []
+    report.problems += layer_problems
     report.problems += check_data(spec, config)
     if cluster is not None:
         from elo_ray.clusters import check_cluster
 
         try:
-            report.warnings += check_cluster(spec, cluster, config)
+            report.warnings += check_cluster(spec, cluster, None if layer_problems else config)
         except (OSError, ValueError) as e:  # missing file, not YAML, no Ray cluster in it
             report.problems.append(f"--cluster {cluster}: {e}")
-    elif config is not None:
+    elif config is not None and not layer_problems:  # the estimate counts the trained layers
         from elo_ray.memory import GPUS, memory_warnings
 
         gpu = spec.resources.gpu_type

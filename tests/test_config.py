@@ -75,7 +75,7 @@ def test_repeated_layers_rejected(tmp_path):
 
 def test_method_belongs_to_its_stage(tmp_path):
     assert "method must be elo here" in problems(tmp_path, MINIMAL, ["pretrain.train.method=lora"])[0]
-    assert "use full or lora here" in problems(tmp_path, MINIMAL, ["align.train.method=elo"])[0]
+    assert "use full, lora, layers or lora_layers here" in problems(tmp_path, MINIMAL, ["align.train.method=elo"])[0]
 
 
 def test_instruct_sft_needs_data(tmp_path):

@@ -10,8 +10,15 @@ import pytest
 import torch
 import transformers
 
-from elo_ray.memory import GIB, estimate_memory, head_activation_bytes, layer_activation_bytes, memory_warnings
-from elo_ray.model_size import param_counts
+from elo_ray.memory import (
+    GIB,
+    estimate_memory,
+    frozen_layer_savings,
+    head_activation_bytes,
+    layer_activation_bytes,
+    memory_warnings,
+)
+from elo_ray.model_size import lora_params_per_layer, param_counts
 from elo_ray.config import load_spec, spec_from_dict
 from elo_ray.tiny import ARCHITECTURES, tiny_config, tiny_model
 
@@ -95,9 +102,12 @@ def test_elo_model_has_embedding_two_layers_and_head():
 # --------------------------------------------------------------------------- activations
 
 
-def saved_bytes(config, seq: int = 256, checkpointing: bool = False) -> int:
-    """Bytes of the tensors autograd saves in a bf16 forward with labels (parameters excluded)."""
+def saved_bytes(config, seq: int = 256, checkpointing: bool = False, frozen: tuple[int, ...] = ()) -> int:
+    """Bytes of the tensors autograd saves in a bf16 forward with labels (parameters excluded),
+    with the decoder layers `frozen` frozen."""
     model = tiny_model(config).to(torch.bfloat16).train()
+    for i in frozen:
+        model.model.layers[i].requires_grad_(False)
     if checkpointing:
         model.config.use_cache = False
         # transformers 5.x renamed gradient_checkpointing_enable; the train loop uses either.
@@ -137,6 +147,13 @@ def test_checkpointed_layer_keeps_only_its_bf16_input():
     seq = 256
     two, four = (saved_bytes(bench_config("llama", n), seq, checkpointing=True) for n in (2, 4))
     assert (four - two) / 2 / seq == 2 * 256  # one bf16 hidden state (hidden 256) per token
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_frozen_layer_saves_less_by_what_only_weight_gradients_need(arch):
+    seq, config = 256, bench_config(arch, 4)
+    fewer = (saved_bytes(config, seq) - saved_bytes(config, seq, frozen=(2,))) / seq
+    assert fewer == frozen_layer_savings(config, compute_bytes=2)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2"])
@@ -286,3 +303,53 @@ def test_lora_trainable_parameters_equal_what_peft_adds():
     align = by_stage(spec, config)["align"]
     assert align.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert align.params == sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- align methods
+
+
+def align_with(**train):
+    spec = make_spec(align={"train": {"activation_checkpointing": True, **train}})
+    return by_stage(spec, llama31_8b())["align"]
+
+
+def test_layer_methods_train_the_detached_layers_and_neighbours_of_llama_8b():
+    layer = 218_112_000
+    full, layers, lora_layers = align_with(), align_with(method="layers"), align_with(method="lora_layers")
+    assert layers.trainable == 4 * layer  # layers 0, 1, 30, 31
+    assert lora_layers.trainable == 4 * layer + 28 * lora_params_per_layer(llama31_8b(), 16)
+    assert layers.optimizer_gib == pytest.approx(4 * layer * 8 / 8 / GIB)
+    assert layers.weights_gib == pytest.approx(full.weights_gib)  # frozen layers stay sharded in fp32
+    assert layers.total_gib < full.total_gib - 7
+
+
+def test_offload_leaves_the_gpu_the_gathered_copies_and_activations():
+    full, offload = align_with(), align_with(offload_to_cpu=True)
+    p, layer, root = 8_030_261_248, 218_112_000, 2 * 525_336_576 + 4096
+    assert offload.optimizer_gib == 0
+    assert offload.weights_gib == pytest.approx(((root + 2 * layer) * 2 + root * 4 / 8) / GIB)
+    assert offload.host_gib == pytest.approx(p * (4 + 4 + 8) / 8 / GIB)
+    assert offload.activations_gib == full.activations_gib
+    assert offload.total_gib < full.total_gib - 10
+    assert "15.0 more in host memory (offload_to_cpu)" in offload.breakdown()
+
+
+def test_layers_below_the_lowest_trained_layer_save_no_activations():
+    config = llama31_8b()
+    spec = make_spec(align={"train": {"method": "layers", "layers": [20], "neighbours": 0}})
+    m = by_stage(spec, config)["align"]
+    per_layer, tokens = layer_activation_bytes(config, 2, 8192), 8192
+    frozen = per_layer - frozen_layer_savings(config, 2)
+    expected = tokens * (per_layer + 11 * frozen) + tokens * head_activation_bytes(config, 2)
+    assert m.activations_gib == pytest.approx(expected / GIB)
+
+
+def test_the_warning_offers_offload_and_the_layer_methods_with_their_estimates():
+    spec = make_spec(num_workers=4, align_ckpt=True)
+    (line,) = [w for w in memory_warnings(spec, llama31_8b(), 40.0, "A100-40GB") if w.startswith("align:")]
+    offload = by_stage(make_spec(num_workers=4, align={"train": {"activation_checkpointing": True,
+                                                                   "offload_to_cpu": True}}), llama31_8b())["align"]
+    assert (f"keep align's weight shards, gradients and optimizer state in host memory "
+            f"(align.train.offload_to_cpu: true; the same result, slower) (~{offload.total_gib:.1f} GiB)") in line
+    assert "train only the detached layers and their neighbours (align.train.method: layers) (~34.3 GiB)" in line
+    assert "(align.train.method: lora_layers) (~34.4 GiB)" in line

@@ -151,7 +151,8 @@ class Worker:
             self.step += 1
             self.consumed += t.grad_accum
             self.tokens_total += tokens
-            flops = tokens * metrics.train_flops_per_token(self.config, t.method, seq_len, t.lora_rank)
+            flops = tokens * metrics.train_flops_per_token(self.config, t.method, seq_len, t.lora_rank,
+                                                            self.stage.full_layers)
             interval.add(loss * label_tokens, label_tokens, tokens, flops, grad_norm)
             done = self.step == self.loop.total_steps
             report, to_ray = None, False

@@ -16,6 +16,10 @@ trains, and the gradient of the weights (1x forward of those weights) only for t
     full  = L (3 * 2P + 3 * 4SHD)        + 3 * 2dV
     lora  = L (2 * 2P + 3 * 4SHD + 3 * 2R) + 2 * 2dV   R = adapter parameters per layer
 
+layers and lora_layers mix these per layer: a layer trained whole costs 3 * 2P + 3 * 4SHD, a
+LoRA layer 2 * 2P + 3 * 4SHD + 3 * 2R, a frozen layer above the lowest trained one 2 * 2P +
+3 * 4SHD (backward passes through it), one below it 2P + 4SHD (forward only); head 2 * 2dV.
+
 MFU = achieved FLOP/s per worker / the device's peak dense FLOP/s (bf16 on GPU, or fp32 when
 training in fp32). CPUs have no reliable peak: set ELO_RAY_PEAK_TFLOPS to get an MFU there.
 """
@@ -32,20 +36,34 @@ from elo_ray import storage
 from elo_ray.model_size import dims, layer_matmul_params, lora_params_per_layer
 
 
-def train_flops_per_token(config, method: str, seq_len: int, lora_rank: int = 0) -> int:
-    """Model FLOPs of one trained token (forward + backward), as in the module docstring."""
+def train_flops_per_token(config, method: str, seq_len: int, lora_rank: int = 0,
+                          full_layers: tuple[int, ...] | None = None) -> int:
+    """Model FLOPs of one trained token (forward + backward), as in the module docstring;
+    `full_layers` are the layers that methods layers and lora_layers train whole."""
     d = dims(config)
-    layers = d.num_layers
+    n = d.num_layers
+    if method in ("full", "elo"):
+        whole = set(range(n))
+    elif method == "lora":
+        whole = set()
+    elif method in ("layers", "lora_layers") and full_layers is not None:
+        whole = set(full_layers)
+    else:
+        raise ValueError(f"unknown method {method!r}" if method not in ("layers", "lora_layers")
+                         else f"method {method} needs full_layers")
+    adapted = set(range(n)) - whole if method in ("lora", "lora_layers") else set()
     p = layer_matmul_params(config)
     attention = 4 * seq_len * d.heads * d.head_dim
     head = 2 * d.hidden * d.vocab
-    if method == "full":
-        return layers * (3 * 2 * p + 3 * attention) + 3 * head
-    if method == "elo":
-        return layers * (3 * 2 * p + 3 * attention) + 2 * head
-    if method == "lora":
-        return layers * (2 * 2 * p + 3 * attention + 3 * 2 * lora_params_per_layer(config, lora_rank)) + 2 * head
-    raise ValueError(f"unknown method {method!r}")
+    lora = 3 * 2 * lora_params_per_layer(config, lora_rank)
+    lowest = min(whole | adapted, default=n)
+    total = 0
+    for i in range(n):
+        if i < lowest:
+            total += 2 * p + attention  # forward only: nothing below it trains
+        else:
+            total += 2 * 2 * p + 3 * attention + (2 * p if i in whole else 0) + (lora if i in adapted else 0)
+    return total + (3 if method == "full" else 2) * head
 
 
 # Peak dense tensor-core TFLOP/s (bf16, fp32) by device-name fragment, from vendor data sheets.

@@ -12,6 +12,13 @@ Which parameters train (`TrainConfig.method`):
         and head stay frozen copies of the original.
 - full: every parameter.
 - lora: peft LoRA adapters on every linear layer of the decoder; the base model is frozen.
+- layers: the decoder layers `TrainConfig.full_layers` names, whole; everything else frozen.
+- lora_layers: those layers whole, and LoRA adapters on every linear layer of the other decoder
+        layers; embedding, final norm and head frozen.
+
+`TrainConfig.offload_to_cpu` shards with FSDP2's CPUOffloadPolicy: the sharded parameters (and so
+their gradients and AdamW's state) live in host memory, buffers and everything outside FSDP on
+the device.
 """
 
 from __future__ import annotations
@@ -121,28 +128,58 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def full_layers(config, train: TrainConfig) -> tuple[int, ...]:
+    """The decoder layers that train whole: all for full and elo, none for lora, and
+    `train.full_layers` for layers and lora_layers (a TrainingError when they do not fit)."""
+    n = config.num_hidden_layers
+    if train.method in ("full", "elo"):
+        return tuple(range(n))
+    if train.method == "lora":
+        return ()
+    try:
+        return tuple(train.full_layers(n))
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def _linear_names(model: nn.Module, layers: list[int]) -> list[str]:
+    """Full names of the linear modules of decoder `layers` (peft matches a name as a suffix)."""
+    prefix = {id(layer): f"{name}" for name, layer in model.named_modules()}
+    decoder = decoder_layers(model)
+    return [f"{prefix[id(decoder[i])]}.{name}" for i in layers
+            for name, m in decoder[i].named_modules() if isinstance(m, nn.Linear)]
+
+
 def build_meta(config, train: TrainConfig) -> nn.Module:
     """The stage's model with parameters on meta and `requires_grad` set by the method."""
     import transformers
 
+    whole = full_layers(config, train)
+    lora_on = [i for i in range(config.num_hidden_layers) if i not in whole] if "lora" in train.method else []
+    if train.method == "lora_layers" and not lora_on:
+        raise TrainingError(
+            f"method lora_layers trains layers {list(whole)} whole, which is every decoder layer: nothing "
+            "is left for LoRA; use method layers or full, or fewer train.layers / train.neighbours"
+        )
     with _params_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         if train.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if train.method == "lora":
+        if lora_on:
             import peft
 
             lora = peft.LoraConfig(
-                r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=0.0,
-                target_modules="all-linear", task_type="CAUSAL_LM",
+                r=train.lora_rank, lora_alpha=train.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                target_modules="all-linear" if train.method == "lora" else _linear_names(model, lora_on),
             )
             model = peft.get_peft_model(model, lora)
-    if train.method == "elo":
-        layer_params = {id(p) for p in decoder_layers(model).parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in layer_params)
-    elif train.method == "full":
+    if train.method == "full":
         model.requires_grad_(True)
+    elif train.method != "lora":  # elo, layers, lora_layers: whole layers train, LoRA adapters too
+        layers = decoder_layers(model)
+        chosen = {id(p) for i in whole for p in layers[i].parameters()}
+        for name, p in model.named_parameters():
+            p.requires_grad_(id(p) in chosen or ".lora_" in name)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise TrainingError(
@@ -188,19 +225,22 @@ def _recast_on_meta(model: nn.Module, params: list[nn.Parameter], dtype: torch.d
     return list(new.values())
 
 
-def shard(model: nn.Module, mesh, mp_policy, frozen: str = "replicate") -> None:
+def shard(model: nn.Module, mesh, mp_policy, frozen: str = "replicate", offload_to_cpu: bool = False) -> None:
     """FSDP2: one unit per decoder layer, then the root (embedding, norm, head).
 
     frozen="replicate" keeps the frozen parameters outside the decoder layers out of FSDP: every
     rank holds them whole in the compute dtype, so no step gathers or casts them (at the 8B shape
     the embedding and head are 1.05B parameters: 2.1 GB in bf16 per GPU, about what FSDP holds
     of them gathered during a step anyway). They are read whole from the checkpoint, never
-    checkpointed, and exported from the input checkpoint byte for byte (export.py)."""
-    from torch.distributed.fsdp import fully_shard
+    checkpointed, and exported from the input checkpoint byte for byte (export.py).
+    With `offload_to_cpu`, every unit keeps its shards in host memory (CPUOffloadPolicy)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     kwargs = {"mesh": mesh}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
+    if offload_to_cpu:  # pinned host memory lets the copies overlap compute; pinning needs a GPU
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     ignored = frozen_outside_layers(model) if frozen == "replicate" else []
@@ -259,12 +299,27 @@ def _tied_holders(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
     return [h for h in holders.values() if len(h) > 1]
 
 
+def _outside_fsdp_to(model: nn.Module, device: torch.device) -> None:
+    """Move buffers and parameters that FSDP does not shard (no DTensor) to `device`: with CPU
+    offload the shards stay in host memory, the rest computes on the device."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.to(device)
+        for p in module._parameters.values():
+            if p is not None and not isinstance(p, DTensor) and p.device != device:
+                p.data = p.data.to(device)  # in place: a parameter held twice (tied) stays one
+
+
 @torch.no_grad()
-def materialise(model: nn.Module, model_dir: str, device: torch.device, seed: int) -> None:
-    """Allocate the sharded parameters on `device` and fill each rank's rows from the checkpoint."""
+def materialise(model: nn.Module, model_dir: str, device: torch.device, seed: int, offload_to_cpu: bool = False) -> None:
+    """Allocate the sharded parameters on `device` (host memory with `offload_to_cpu`) and fill each
+    rank's rows from the checkpoint."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     tied = _tied_holders(model)
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if offload_to_cpu else device)
     for holders in tied:  # to_empty gives each holder of a parameter outside FSDP its own copy
         first = holders[0][0]._parameters[holders[0][1]]
         for module, name in holders[1:]:
@@ -286,6 +341,8 @@ def materialise(model: nn.Module, model_dir: str, device: torch.device, seed: in
                     f"{model_dir}: tensor {key!r} has shape {source.shape(key)}, the model expects {list(param.shape)}"
                 )
             local.copy_(source.rows(key, start, end))
+    if offload_to_cpu and device.type != "cpu":
+        _outside_fsdp_to(model, device)
 
 
 @dataclass
@@ -297,6 +354,7 @@ class StageModel:
     trainable: list[str]
     num_layers: int
     loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # summed loss of a micro-batch
+    full_layers: tuple[int, ...]  # the decoder layers that train whole (FLOPs count their weight gradients)
 
 
 def build(model_dir: str, train: TrainConfig, device: torch.device, mesh) -> StageModel:
@@ -311,8 +369,9 @@ def build(model_dir: str, train: TrainConfig, device: torch.device, mesh) -> Sta
     model = build_meta(config, train)
     if train.compile_layers:
         compile_layers(model)
-    shard(model, mesh, mixed_precision(train.precision, device), train.frozen_params)
-    materialise(model, model_dir, device, train.seed)
+    shard(model, mesh, mixed_precision(train.precision, device), train.frozen_params, train.offload_to_cpu)
+    materialise(model, model_dir, device, train.seed, train.offload_to_cpu)
     model.train()
     stage_loss = functools.partial(loss.summed_loss, impl=impl, chunk_tokens=train.loss_chunk_tokens)
-    return StageModel(model, config, trainable_names(model), len(decoder_layers(model)), stage_loss)
+    return StageModel(model, config, trainable_names(model), len(decoder_layers(model)), stage_loss,
+                      full_layers(config, train))

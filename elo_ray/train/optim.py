@@ -19,7 +19,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig, device: torch.device) 
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.AdamW(
-        groups, lr=train.lr, betas=tuple(train.betas), fused=device.type == "cuda"
+        # With offload_to_cpu the parameters and their state are in host memory: the step runs there.
+        groups, lr=train.lr, betas=tuple(train.betas), fused=device.type == "cuda" and not train.offload_to_cpu
     )
 
 

@@ -107,7 +107,7 @@ def run_training(
             use_gpu=resources.use_gpu,
             resources_per_worker={"CPU": resources.cpus_per_worker},
         ),
-        torch_config=TorchConfig(backend="nccl" if resources.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=backend(resources, train)),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=path,
@@ -134,6 +134,14 @@ def run_training(
         metrics_uri=storage.join(run_uri, METRICS_FILE),
         checkpoint_uri=_uri_of(result.checkpoint, storage_uri),
     )
+
+
+def backend(resources: ResourcesConfig, train: TrainConfig) -> str:
+    """torch.distributed's backend: NCCL on GPUs, gloo on CPUs, and both when CPU offload leaves
+    sharded parameters in host memory (their gradient norm and export gather them over gloo)."""
+    if not resources.use_gpu:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl" if train.offload_to_cpu else "nccl"
 
 
 def _uri_of(checkpoint, storage_uri: str) -> str | None:
