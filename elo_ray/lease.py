@@ -250,13 +250,18 @@ def hold(run_uri: str, force: bool = False) -> Iterator[Lease]:
     """Hold the run's lease for the duration of the block; released on the way out.
 
     When the lease is lost meanwhile, the heartbeat interrupts the main thread and the block
-    ends with `LeaseLost`."""
+    ends with `LeaseLost`. The interrupt runs whatever SIGINT handler is installed: Ray Train's
+    (installed while a trainer runs, and left behind) aborts the training run instead of raising,
+    so the block's end, however it comes, is where a lost lease is turned into `LeaseLost`."""
     lease = acquire(run_uri, force)
     try:
         yield lease
-    except KeyboardInterrupt as e:
+    except BaseException as e:
         if lease.lost is not None:
             raise LeaseLost(f"{lease.lost}; this driver stopped") from e
         raise
+    else:
+        if lease.lost is not None:
+            raise LeaseLost(f"{lease.lost}; this driver stopped")
     finally:
         lease.release()
