@@ -92,10 +92,22 @@ def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, de
     assert caplog.text.count("skipped") == 5 and "starting" not in caplog.text
 
 
+def _registered_checkpoint(ray_dir: Path) -> bool:
+    """Whether Ray Train has registered a checkpoint of the run: its files alone (checkpoint_*)
+    appear before the controller records them, and a driver killed in between resumes from 0."""
+    for snapshot in ray_dir.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, json.JSONDecodeError):  # being written
+            pass
+    return False
+
+
 def _wait_for_checkpoint(ray_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(ray_dir.glob("*/checkpoint_*")):
+        if _registered_checkpoint(ray_dir):
             return
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
