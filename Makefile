@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch that this project tests against; GPU images bring their own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench clean offline-archive
+.PHONY: demo test test-all bench clean offline-archive
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/elo-ray demo
 
+# test: what CI runs (under 30 minutes on 2 cores); test-all adds the tests marked slow.
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow" --durations=15
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest tests --durations=30
 
 # Ray and what a PyTorch GPU image lacks, for hosts without a package index (scripts/offline_archive.py).
 OFFLINE_PYTHON ?= 3.12

@@ -3,7 +3,8 @@ report, and its smallest setting end to end for two target languages.
 
 The end-to-end tests run `replicate.py --smoke` in a subprocess (its own local Ray), on a few
 real manual pages, so the benchmark cannot silently rot; the numbers it produces are not
-checked for quality, only for being what the stages say they are.
+checked for quality, only for being what the stages say they are. They are marked slow (a few
+minutes each with the manual pages' installation): `make test-all` runs them, `make test` not.
 """
 
 from __future__ import annotations
@@ -276,6 +277,7 @@ def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_smoke_corpus_is_deduplicated_and_heldout_pages_are_never_trained(smoke):
     out, results, _ = smoke
     folder = out / "corpus" / "ja"
@@ -293,6 +295,7 @@ def test_smoke_corpus_is_deduplicated_and_heldout_pages_are_never_trained(smoke)
     assert results["corpus"]["ja"]["filter"] == "20% of letters in kana and kanji"
 
 
+@pytest.mark.slow
 def test_smoke_trains_each_method_on_its_token_budget(smoke):
     _, results, _ = smoke
     size = SIZES["smoke"]
@@ -311,6 +314,7 @@ def test_smoke_trains_each_method_on_its_token_budget(smoke):
         assert 0 < s["cpu_s"] and 0 <= s["data_wait_s"] <= s["loop_s"]
 
 
+@pytest.mark.slow
 def test_smoke_elo_merge_changes_only_the_detached_layers_and_alignment_changes_all(smoke):
     out, results, _ = smoke
     last = SIZES["smoke"].num_layers - 1
@@ -328,6 +332,7 @@ def test_smoke_elo_merge_changes_only_the_detached_layers_and_alignment_changes_
             assert not torch.equal(aligned[name], merged[name]), name
 
 
+@pytest.mark.slow
 def test_smoke_reports_finite_perplexities_table_and_plots(smoke):
     out, results, stdout = smoke
     models = ["base"] + [label for r in results["rows"] for label in r["result"]["perplexity"]]
@@ -345,6 +350,7 @@ def test_smoke_reports_finite_perplexities_table_and_plots(smoke):
     assert "## Held-out perplexity" in stdout
 
 
+@pytest.mark.slow
 def test_smoke_rerun_skips_finished_rows(smoke):
     out, results, _ = smoke
     proc = subprocess.run(
@@ -363,6 +369,7 @@ def smoke_german(tmp_path_factory):
     return _run_smoke(tmp_path_factory, "de", "full")
 
 
+@pytest.mark.slow
 def test_smoke_german_filters_by_language_and_trains_and_scores_both_languages(smoke_german):
     out, results, _ = smoke_german
     de = corpus.read_texts(out / "corpus" / "de" / "de.train.jsonl")
