@@ -110,21 +110,18 @@ def start_ray(args: argparse.Namespace) -> None:
     from elo_ray import logs
 
     logs.configure()  # elo-ray's progress lines, here and (the level carried along) in the workers
-    # "local": always a Ray of our own, never a cluster some other process started on this machine.
-    # Its dashboard agent gets a free port: Ray 2.60 gives every local instance 52365, so while
-    # another Ray runs here the agent cannot bind, the raylet gives up waiting for it ("Timed out
-    # waiting for file .../metrics_agent_port_...") and ray.init fails with "The current node
-    # timed out during startup" (tests/conftest.py does the same for the test session). A start
+    # A Ray of our own with its dashboard agent on a free port (`local_ray` says why). A start
     # can still time out on a loaded machine, so a long matrix keeps trying, for about half an hour.
     import psutil  # Ray depends on it
+
+    from elo_ray import local_ray
 
     attempts = 30
     for attempt in range(1, attempts + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
-        _free_dashboard_agent_port()
         try:
-            ray.init(address="local", num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0,
-                     include_dashboard=False, logging_config=ray.LoggingConfig(log_level="WARNING"))
+            local_ray.start(dashboard=False, num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0,
+                            logging_config=ray.LoggingConfig(log_level="WARNING"))
             break
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
             # The failed start leaves its GCS server, dashboard and monitors running: end them.
@@ -141,23 +138,6 @@ def start_ray(args: argparse.Namespace) -> None:
         for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
             p.nice(max(p.nice(), args.nice))
         log(f"this process and Ray's run at niceness {args.nice} from here on")
-
-
-def _free_dashboard_agent_port() -> None:
-    """Make a free port the default dashboard agent port of the next local Ray (`ray.init`
-    cannot set it)."""
-    import inspect
-    import socket
-
-    from ray._private.parameter import RayParams
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    names = [p.name for p in inspect.signature(RayParams.__init__).parameters.values() if p.default is not p.empty]
-    defaults = list(RayParams.__init__.__defaults__)
-    defaults[names.index("dashboard_agent_listen_port")] = port
-    RayParams.__init__.__defaults__ = tuple(defaults)
 
 
 def publish(paths: list[Path], results_json: Path) -> None:

@@ -15,7 +15,7 @@ import os
 
 import ray
 
-from elo_ray import builtin, data, evaluate, logs, stage_table, storage, surgery
+from elo_ray import builtin, data, evaluate, local_ray, logs, stage_table, storage, surgery
 from elo_ray.config import TrainConfig
 from elo_ray.pipeline import StageContext, StageResult
 from elo_ray.train import run_training
@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray() -> None:
-    """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray.
+    """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray
+    with its dashboard, which Ray Train needs (`local_ray`).
 
     Called by each stage as it starts, so that a rerun whose stages are all committed
     never pays for starting Ray."""
@@ -34,7 +35,7 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        log.info(f"started a local Ray; its dashboard: {local_ray.start(log_to_driver=True)}")
 
 
 def _on_ray(fn):

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from elo_ray.local_ray import free_port
 
 # Set before anything starts Ray: workers inherit the driver's environment at ray.init.
-_S3_PORT = _free_port()
+_S3_PORT = free_port()
 os.environ.update(
     AWS_ENDPOINT_URL=f"http://127.0.0.1:{_S3_PORT}",
     AWS_ACCESS_KEY_ID="testing",
@@ -57,31 +51,18 @@ def s3_bucket(s3_endpoint) -> str:
     return f"s3://{name}"
 
 
-def _free_dashboard_agent_port() -> None:
-    """Give this session's local Ray a free dashboard agent port.
-
-    Ray 2.60 starts every local instance's dashboard agent on port 52365, and `ray.init` cannot
-    change that: while another Ray runs on the machine (another checkout's tests, a benchmark),
-    a second one fails to start ("address already in use", then the raylet's startup times out).
-    """
-    import inspect
-
-    from ray._private.parameter import RayParams
-
-    names = [p.name for p in inspect.signature(RayParams.__init__).parameters.values() if p.default is not p.empty]
-    defaults = list(RayParams.__init__.__defaults__)
-    defaults[names.index("dashboard_agent_listen_port")] = _free_port()
-    RayParams.__init__.__defaults__ = tuple(defaults)
-
-
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session with this machine's 2 CPUs."""
+    """One local Ray for the session with this machine's 2 CPUs. Without the dashboard: the
+    suite's Ray Train runs work without it (its placement-group cleaner only warns), it costs
+    a little memory and start-up (benchmarks/ray_start.py), and it would put its State API's
+    address in the environment that the Ray clusters some tests start inherit."""
     import ray
 
+    from elo_ray import local_ray
+
     if not ray.is_initialized():
-        _free_dashboard_agent_port()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        local_ray.start(dashboard=False, num_cpus=2, log_to_driver=True)
     yield ray
     ray.shutdown()
 

@@ -1,0 +1,78 @@
+"""The local Ray that elo-ray starts on a machine without a cluster (`make demo`, the tests,
+the benchmarks): how it is started, in one place.
+
+- Always a Ray of its own (`address="local"`): a bare `ray.init()` would join whatever Ray
+  another process on the machine last started.
+- With its dashboard by default. The dashboard serves Ray's State API, which Ray Train 2.60's
+  placement-group cleaner polls about once a second: without it the cleaner logs "Failed to
+  query Ray Train Controller actor state. State API may be temporarily unavailable" each time
+  and cannot clean up after a crashed controller. What the dashboard costs to start is
+  measured by `benchmarks/ray_start.py`.
+- The State API's address told to every Ray process (`RAY_API_SERVER_ADDRESS`, set before
+  `ray.init` so that the raylet and its workers inherit it). Without an address the State API
+  client looks for the machine's Ray instances and gives up when it finds more than one
+  ("Found multiple active Ray instances"), so the cleaner would fail whenever another Ray runs
+  on the machine.
+- Its dashboard agent on a free port. Ray 2.60 starts every local instance's dashboard agent
+  on port 52365 and `ray.init` cannot change that: while another Ray runs on the machine
+  (another checkout's tests, a benchmark) the agent cannot bind, the raylet gives up waiting
+  for it ("Timed out waiting for file .../metrics_agent_port_...") and `ray.init` fails with
+  "The current node timed out during startup". (The dashboard's own port, 8265, is not an
+  issue: Ray tries the next ones when it is taken.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+
+DASHBOARD_PORT = 8265  # Ray's default, kept when it is free: the address users know
+DASHBOARD_AGENT_PORT = 52365  # Ray 2.60's fixed default, for the record and the tests
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_dashboard_agent_port() -> int:
+    """Make a free port the dashboard agent port of the next local Ray started in this process
+    and return it (`ray.init` has no argument for it, so this sets `RayParams`' default)."""
+    from ray._private.parameter import RayParams
+
+    params = [p for p in inspect.signature(RayParams.__init__).parameters.values() if p.default is not p.empty]
+    defaults = list(RayParams.__init__.__defaults__)
+    port = free_port()
+    defaults[[p.name for p in params].index("dashboard_agent_listen_port")] = port
+    RayParams.__init__.__defaults__ = tuple(defaults)
+    return port
+
+
+def start(*, dashboard: bool = True, **init_kwargs) -> str | None:
+    """Start a local Ray of this process's own, its dashboard agent on a free port and, with
+    the dashboard, its State API's address in the environment of every Ray process. Returns
+    the dashboard's URL (None without one); `init_kwargs` go to `ray.init` (num_cpus,
+    log_to_driver, logging_level, ...)."""
+    import ray
+
+    free_dashboard_agent_port()
+    url = None
+    if dashboard:
+        port = DASHBOARD_PORT if _bindable(DASHBOARD_PORT) else free_port()
+        url = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = url
+        init_kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **init_kwargs}
+    ray.init(address="local", include_dashboard=dashboard, **init_kwargs)
+    return url
