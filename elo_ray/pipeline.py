@@ -258,8 +258,10 @@ def _run_stage(ctx: StageContext, fn: StageFn) -> manifest.Manifest:
 
 def run_status(run_uri: str) -> dict[str, dict]:
     """Each stage's state, duration and key metrics for `elo-ray status`."""
-    if not storage.exists(storage.join(run_uri, "spec.yaml")):
+    spec_uri = storage.join(run_uri, "spec.yaml")
+    if not storage.exists(spec_uri):
         raise PipelineError(f"{run_uri} holds no elo-ray run (no spec.yaml); pass {{storage.root}}/{{run_id}}")
+    spec = yaml.safe_load(storage.read_text(spec_uri)) or {}  # the run's resolved spec: every `enabled` set
     out = {}
     for stage in STAGE_ORDER:
         uri = storage.join(run_uri, stage)
@@ -267,6 +269,8 @@ def run_status(run_uri: str) -> dict[str, dict]:
         if m is not None:
             out[stage] = {"state": "complete", "seconds": m.metrics.get("seconds"), "finished_at": m.finished_at,
                           "metrics": m.metrics, "uris": m.uris}
+        elif not (spec.get(stage) or {}).get("enabled", True):
+            out[stage] = {"state": "disabled"}
         elif storage.exists(uri):
             out[stage] = {"state": "started (no manifest)"}
         else:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from elo_ray import manifest, pipeline, storage
+from elo_ray import cli, manifest, pipeline, storage
 from elo_ray.config import spec_from_dict
 
 
@@ -126,12 +126,17 @@ def test_same_run_id_with_other_spec_is_refused_naming_keys(tmp_path):
                               Recorder().fns())
 
 
-def test_status_reports_each_stage(tmp_path):
+def test_status_reports_each_stage(tmp_path, capsys):
     root = str(tmp_path)
     pipeline.run_pipeline(make_spec(root), "r1", Recorder().fns(), stages=["pretrain", "merge"])
     status = pipeline.run_status(storage.join(root, "r1"))
-    assert [s["state"] for s in status.values()] == ["complete", "complete", "not started", "not started", "not started"]
+    assert [s["state"] for s in status.values()] == ["complete", "complete", "not started", "disabled", "not started"]
     assert status["merge"]["metrics"]["steps"] == 3
+    capsys.readouterr()
+    assert cli.main(["status", storage.join(root, "r1")]) == 0
+    states = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert states == [["lease", "released"], ["pretrain", "complete"], ["merge", "complete"], ["align", "not"],
+                      ["instruct", "disabled"], ["eval", "not"]]
     with pytest.raises(pipeline.PipelineError, match="holds no elo-ray run"):
         pipeline.run_status(str(tmp_path / "nothing"))
 
