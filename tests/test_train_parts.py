@@ -87,12 +87,34 @@ def test_elo_costs_a_fraction_of_full_on_a_llama_8b_shape():
     assert 9 < ratio < 11
 
 
-def test_progress_line_shows_loss_throughput_mfu_and_memory():
-    m = {"step": 20, "loss": 2.5, "lr": 5e-6, "grad_norm": 0.8, "tokens_per_s": 12345.6,
-         "tflops_per_worker": 412.0, "mfu": 0.4166, "peak_memory_gb": 61.2, "interval_s": 10.0, "data_wait_s": 0.3}
-    assert metrics.progress_line(m, 100) == (
-        "step 20/100 loss 2.5000 lr 5e-06 grad_norm 0.8 12,346 tok/s 412 TFLOP/s/worker MFU 41.7% mem 61.20 GiB"
-        " data wait 3%"
+METRICS = {"step": 20, "loss": 2.5, "lr": 5e-6, "grad_norm": 0.8, "tokens_per_s": 12345.6, "tflops_per_worker": 412.0,
+           "mfu": 0.4166, "peak_memory_gb": 61.2, "interval_s": 10.0, "data_wait_s": 0.3, "resumed_from_step": 0}
+
+
+def test_progress_line_shows_steps_loss_throughput_and_time_left_at_the_measured_rate():
+    progress = metrics.Progress(100)
+    # 20 steps in the first 10 s: 80 left at 0.5 s each.
+    assert progress.line(METRICS, now=1000.0) == "step 20/100 (20%) loss 2.5000 12,346 tok/s ETA 40s"
+    # A checkpoint took 5 s since: 40 steps in 25 s, so 60 left take 37.5 s, not the 30 s of
+    # the last interval's rate alone.
+    assert progress.line({**METRICS, "step": 40}, now=1015.0) == "step 40/100 (40%) loss 2.5000 12,346 tok/s ETA 38s"
+    assert progress.line({**METRICS, "step": 100}, now=1250.0) == "step 100/100 (100%) loss 2.5000 12,346 tok/s took 4m20s"
+
+
+def test_progress_after_a_resume_counts_only_the_steps_of_this_attempt():
+    progress = metrics.Progress(1000)
+    line = progress.line({**METRICS, "step": 510, "resumed_from_step": 500, "interval_s": 5.0}, now=50.0)
+    assert line.endswith("ETA 4m05s")  # 10 steps in 5 s: 490 left at 0.5 s
+
+
+def test_durations_read_as_seconds_minutes_or_hours():
+    assert [metrics.duration(s) for s in (0.4, 59, 61, 3599, 3600, 7620, 90061)] == [
+        "0s", "59s", "1m01s", "59m59s", "1h00m", "2h07m", "25h01m"]
+
+
+def test_progress_detail_shows_lr_grad_norm_flops_mfu_memory_and_data_wait():
+    assert metrics.progress_detail(METRICS) == (
+        "step 20 lr 5e-06 grad_norm 0.8 412 TFLOP/s/worker MFU 41.7% mem 61.20 GiB data wait 3%"
     )
 
 

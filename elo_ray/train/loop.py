@@ -87,6 +87,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.log: metrics.MetricsLog | None = None  # rank 0's records, once the run's are read back
         self.report_every_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))
+        self.progress = metrics.Progress(loop.total_steps)  # rank 0's progress lines, with ETA
         self.last_report = time.monotonic()
 
     # ------------------------------------------------------------------ set-up
@@ -226,7 +227,8 @@ class Worker:
         }
         if self.rank == 0:
             self.log.append(m)
-            log.info(metrics.progress_line(m, self.loop.total_steps))
+            log.info(self.progress.line(m))
+            log.debug(metrics.progress_detail(m))
         return m, due
 
     def save(self, report: dict) -> tuple[float, float]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import time
 
 import torch
 
@@ -97,13 +98,50 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def progress_line(m: dict, total_steps: int) -> str:
-    """One human-readable line per log interval."""
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 3m05s, 2h07m."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Rank 0's progress line, one per log interval: steps done of the total, loss, tokens/s and
+    the time left.
+
+    The time left comes from the rate measured since training (re)started in this attempt: wall
+    seconds per step from the first step on, checkpoints and data waits included, so it does not
+    promise what the next checkpoint will take back. The first interval began when training did
+    (its `interval_s` has nothing excluded), which dates the start without a clock in the loop."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.start: tuple[int, float] | None = None  # (step, time.monotonic()) training began at
+
+    def line(self, m: dict, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
+        if self.start is None:
+            self.start = (m.get("resumed_from_step", 0), now - m["interval_s"])
+        step, total = m["step"], self.total_steps
+        elapsed, done = now - self.start[1], step - self.start[0]
+        if step >= total:
+            when = f"took {duration(elapsed)}"
+        else:
+            when = f"ETA {duration((total - step) * elapsed / max(done, 1))}"
+        return (f"step {step}/{total} ({100 * step // max(total, 1)}%) loss {m['loss']:.4f} "
+                f"{m['tokens_per_s']:,.0f} tok/s {when}")
+
+
+def progress_detail(m: dict) -> str:
+    """The rest of a log interval's metrics, for --verbose: learning rate, gradient norm, FLOP/s,
+    MFU, peak memory and the share of the interval spent waiting for data."""
     mfu = f" MFU {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else ""
     wait = f" data wait {100 * m['data_wait_s'] / m['interval_s']:.0f}%" if m.get("interval_s") else ""
     return (
-        f"step {m['step']}/{total_steps} loss {m['loss']:.4f} lr {m['lr']:.3g} "
-        f"grad_norm {m['grad_norm']:.3g} {m['tokens_per_s']:,.0f} tok/s "
+        f"step {m['step']} lr {m['lr']:.3g} grad_norm {m['grad_norm']:.3g} "
         f"{m['tflops_per_worker']:.3g} TFLOP/s/worker{mfu} mem {m['peak_memory_gb']:.2f} GiB{wait}"
     )
 
