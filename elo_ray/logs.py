@@ -8,15 +8,24 @@ pytest's `caplog`).
 
 Code that runs in Ray worker processes (the Ray Train worker loop, Ray tasks) is wrapped with
 `in_workers`, which takes the driver's level along as an argument: a worker on another node does
-not inherit the driver's environment nor its logging set-up.
+not inherit the driver's environment nor its logging set-up. Once the driver relays worker
+messages (`log_relay`, started with Ray), a worker's messages go there instead of its stdout,
+and the driver prints them as its own.
+
+Other libraries' output belongs to --verbose: at INFO and above `configure` turns off the
+progress bars of Ray Data and transformers ("Loading weights", "Writing model shards").
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+from logging.handlers import QueueHandler
 from typing import Callable, TypeVar
+
+from elo_ray import log_relay
 
 LOGGER = "elo_ray"
 FORMAT = "[elo-ray] %(message)s"
@@ -40,16 +49,43 @@ class _Stdout(logging.StreamHandler):
         pass
 
 
-def configure(level: int = logging.INFO, *, propagate: bool = True) -> None:
-    """Send `elo_ray` messages of `level` and above to stdout as `[elo-ray] message`.
+def configure(level: int = logging.INFO, *, propagate: bool = True, handler: logging.Handler | None = None) -> None:
+    """Send `elo_ray` messages of `level` and above to stdout as `[elo-ray] message`, or to
+    `handler` (a Ray worker's relay to the driver).
 
     Idempotent: a second call changes the level and keeps one handler. `propagate=False` keeps
     messages away from the root logger's handlers (Ray Train workers have their own there)."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
     logger.propagate = propagate
-    if not any(isinstance(h, _Stdout) for h in logger.handlers):
-        logger.addHandler(_Stdout())
+    handler = handler or next((h for h in logger.handlers if isinstance(h, _Stdout)), None) or _Stdout()
+    for old in [h for h in logger.handlers if h is not handler and isinstance(h, (_Stdout, QueueHandler))]:
+        logger.removeHandler(old)
+    if handler not in logger.handlers:
+        logger.addHandler(handler)
+    _library_progress_bars(level <= logging.DEBUG)
+
+
+def _library_progress_bars(shown: bool) -> None:
+    """Ray Data's and transformers' progress bars only at DEBUG: they tell the libraries' story.
+    Both read the environment (Ray Data when its context is made, and it travels to the
+    workers with the datasets); transformers, if already imported, is told directly."""
+    if shown:
+        return
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's console lines on this driver (dataset started, its plan, finished, progress bars
+    off) only at DEBUG: they tell Ray Data's story and stay in the session's ray-data.log."""
+    import ray.data  # noqa: F401 - its loggers are set up on import
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.ERROR)
 
 
 def level() -> int:
@@ -67,14 +103,15 @@ def level_from_flags(verbose: bool = False, quiet: bool = False) -> int:
 def in_workers(fn: F) -> F:
     """`fn` to run in a Ray worker process, logging at the level in force here and now.
 
-    The level is read on the driver when this is called and travels with the pickled function,
-    so `ray.remote(in_workers(fn))` and `TorchTrainer(in_workers(loop))` log like the driver
-    on any node."""
+    The level (and the driver's relay, when it runs) is read on the driver when this is called
+    and travels with the pickled function, so `ray.remote(in_workers(fn))` and
+    `TorchTrainer(in_workers(loop))` log like the driver, and to it, on any node."""
     driver_level = level()
+    relay = log_relay.sink()
 
     @functools.wraps(fn)
     def run_with_driver_level(*args, **kwargs):
-        configure(driver_level, propagate=False)
+        configure(driver_level, propagate=False, handler=None if relay is None else log_relay.worker_handler(relay))
         return fn(*args, **kwargs)
 
     return run_with_driver_level  # type: ignore[return-value]

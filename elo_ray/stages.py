@@ -15,7 +15,7 @@ import os
 
 import ray
 
-from elo_ray import builtin, data, evaluate, local_ray, logs, stage_table, storage, surgery
+from elo_ray import builtin, data, evaluate, local_ray, log_relay, logs, stage_table, storage, surgery
 from elo_ray.config import TrainConfig
 from elo_ray.pipeline import StageContext, StageResult
 from elo_ray.train import run_training
@@ -28,21 +28,34 @@ def ensure_ray() -> None:
     with its dashboard, which Ray Train needs (`local_ray`).
 
     Called by each stage as it starts, so that a rerun whose stages are all committed
-    never pays for starting Ray."""
+    never pays for starting Ray. What Ray's workers print (their logs, Ray's and the
+    libraries' progress bars) reaches the driver only with --verbose; elo-ray's own messages
+    from workers come through `log_relay` either way. A Ray started by someone else (a
+    library user, the tests) keeps its own settings, and its workers print elo-ray's
+    messages themselves."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    verbose = logs.level() <= logging.DEBUG
+    # Ray's own notices on the driver (token auth, node start-up) only with --verbose too.
+    quiet = {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**quiet)
     else:
-        log.info(f"started a local Ray; its dashboard: {local_ray.start(log_to_driver=True)}")
+        log.info(f"started a local Ray; its dashboard: {local_ray.start(**quiet)}")
+    if not verbose:
+        logs.quiet_ray_data()
+    log_relay.start()
 
 
 def _on_ray(fn):
     @functools.wraps(fn)
     def wrapper(ctx: StageContext) -> StageResult:
         ensure_ray()
-        return fn(ctx)
+        try:
+            return fn(ctx)
+        finally:
+            log_relay.flush()  # the stage's worker messages before the pipeline's next line
 
     return wrapper
 
@@ -176,7 +189,8 @@ def eval(ctx: StageContext) -> StageResult:  # noqa: A001 - the stage is called 
     table = evaluate.format_table(rows)
     storage.write_text(storage.join(ctx.uri, "perplexity.json"), json.dumps(rows, indent=2))
     storage.write_text(storage.join(ctx.uri, "perplexity.md"), table + "\n")
-    log.info("eval: held-out perplexity (lower is better)\n" + table)
+    # The table itself ends `elo-ray run`'s output (cli.cmd_run), once.
+    log.info(f"eval: held-out perplexity (lower is better) of {', '.join(rows)} in {storage.join(ctx.uri, 'perplexity.md')}")
     return StageResult(uris={"table": storage.join(ctx.uri, "perplexity.md")}, metrics={"perplexity": rows})
 
 
