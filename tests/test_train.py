@@ -153,9 +153,9 @@ class DyingReader(RowsReader):
         super().__init__(inner.num_rows, inner.seq_len, inner.dataset)
         self.die_at, self.marker = die_at, marker
 
-    def batches(self, micro_batch_size, skip=0):
+    def batches(self, micro_batch_size, skip=0, start=None):
         rank = ray.train.get_context().get_world_rank()
-        for i, b in enumerate(super().batches(micro_batch_size, skip), start=skip):
+        for i, b in enumerate(super().batches(micro_batch_size, skip, start), start=skip):
             if i == self.die_at and rank == 1 and not os.path.exists(self.marker):
                 open(self.marker, "w").close()
                 time.sleep(2)

@@ -14,8 +14,9 @@ from elo_ray.tiny import tiny_config, tiny_model
 from elo_ray.train import TrainingError, run_training
 from elo_ray.train import checkpoint, export, metrics
 from elo_ray.train import model as model_lib
-from elo_ray.train.step import check_batches
 from elo_ray.train.optim import lr_factor
+from elo_ray.train.state import DataPosition, TrainState
+from elo_ray.train.step import check_batches
 from elo_ray.train.synthetic import RowsReader
 
 
@@ -295,3 +296,67 @@ def test_checkpoint_mismatch_names_every_difference():
         "model.layers.0.mlp.up_proj.weight: checkpoint shape [64, 32], model shape [48, 32]",
     ]
     assert checkpoint.mismatches(saved_fp, saved_fp) == []
+
+
+# --------------------------------------------------------------------------- the train state
+
+
+def train_state(world=2, micro_batch_size=2, grad_accum=1, total_steps=10) -> TrainState:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-2)
+    return TrainState(data=DataPosition(world, micro_batch_size, grad_accum), total_steps=total_steps,
+                      optimizer=optimizer, train=TrainConfig(lr=1e-2, warmup_steps=2, min_lr_ratio=0.1), fingerprint={"method": "elo"})
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no optimizer steps here
+def test_train_state_round_trips_through_dcp_with_its_languages_and_resumes(one_rank, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    saved = train_state()
+    for _ in range(3):
+        saved.count({"tokens": {"en": 64, "ko": 576}, "sequences": {"en": 1, "ko": 9}})
+        saved.advance(640)
+        saved.scheduler.step()
+    saved.gather()
+    saved.resumed.append({"from_step": 1, "old_world": 2, "new_world": 2})
+    dcp.save({"train_state": saved}, checkpoint_id=str(tmp_path))
+
+    loaded = train_state(total_steps=99)
+    dcp.load({"train_state": loaded}, checkpoint_id=str(tmp_path))
+    assert loaded.state_dict() == saved.state_dict()
+    assert (loaded.step, loaded.total_steps, loaded.global_batch, loaded.tokens_total) == (3, 10, 4, 1920)
+    assert loaded.tokens_per_language == {"en": 192, "ko": 1728}
+    assert loaded.sequences_per_language == {"en": 3, "ko": 27}
+    assert loaded.data == DataPosition(world=2, micro_batch_size=2, grad_accum=1, micro_batches=3)
+    assert loaded.resumed == [{"from_step": 1, "old_world": 2, "new_world": 2}]
+    # the schedule continues at step 3 of 10 steps (the loaded length, not the 99 it was built with)
+    loaded.scheduler.step()
+    assert loaded.scheduler.get_last_lr()[0] == pytest.approx(1e-2 * lr_factor(4, 2, 10, 0.1))
+
+
+@pytest.mark.parametrize("old, new, limit, expected", [
+    ((2, 2, 1), 1, 2, (2, 2)),  # a worker lost: the other accumulates twice as many micro-batches
+    ((1, 4, 1), 2, 4, (2, 1)),  # a worker added: smaller micro-batches
+    ((8, 4, 2), 4, 4, (4, 4)),
+    ((3, 4, 2), 2, 4, (4, 3)),  # 24 sequences per step: 12 per worker
+    ((2, 3, 1), 1, 4, (3, 2)),  # the largest micro-batch that divides a worker's share
+])
+def test_reshard_keeps_the_global_batch_within_the_micro_batch_limit(old, new, limit, expected):
+    state = train_state(*old)
+    state.sequences_per_language.update({"en": 10, "ko": 90})
+    state.step = 5
+    record = state.reshard(new, limit)
+    assert (state.data.micro_batch_size, state.data.grad_accum) == expected
+    assert new * state.data.micro_batch_size * state.data.grad_accum == state.global_batch == old[0] * old[1] * old[2]
+    assert state.data == DataPosition(new, *expected, micro_batches=0, start={"en": 10, "ko": 90})
+    assert record == {"from_step": 5, "old_world": old[0], "new_world": new, "micro_batch_size": expected[0],
+                      "grad_accum": expected[1], "sequences_trained": {"en": 10, "ko": 90}}
+
+
+def test_reshard_onto_a_world_that_does_not_divide_the_batch_names_the_counts_that_do():
+    state = train_state(world=2, micro_batch_size=2, grad_accum=1)
+    with pytest.raises(TrainingError) as e:
+        state.reshard(3, 2)
+    assert str(e.value) == (
+        "cannot resume step 0 on 3 workers: the run's global batch of 4 sequences (2 workers x micro_batch_size 2 "
+        "x grad_accum 1) does not split evenly over 3; set resources.num_workers to one of 1, 2, 4"
+    )

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from elo_ray.config import ChatDataConfig, DataConfig
 from elo_ray.data.budget import Budget, budget_for
 from elo_ray.data.checks import require_valid_sources
-from elo_ray.data.datasource import ReadJob, count_units, sequence_dataset
+from elo_ray.data.datasource import BLOCK_ROWS, ReadJob, count_units, sequence_dataset
 from elo_ray.data.documents import Counts, StreamKind, read_documents
 from elo_ray.data.reader import StreamReader
 from elo_ray.data.sources import DataError, Unit, units_by_language
@@ -225,7 +225,7 @@ def _plan(cfg: DataConfig | ChatDataConfig, tokenizer, world_size: int) -> Strea
     reader = StreamReader(
         kind=kind, datasets={lang: name for lang, (name, _) in datasets.items()},
         quotas={lang: budget.quotas[lang] for lang in datasets}, shares=shares, seq_len=cfg.seq_len,
-        world_size=world_size, seed=cfg.seed, repeat=budget.repeat,
+        world_size=world_size, seed=cfg.seed, repeat=budget.repeat, block_rows=BLOCK_ROWS,
     )
     plan = StreamPlan(
         datasets=dict(datasets.values()), dataset_config=_split_config([name for name, _ in datasets.values()]),

@@ -10,6 +10,7 @@ workers switch languages in step and end on the same micro-batch.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -48,13 +49,16 @@ class Row(NamedTuple):
 
 
 class _Rows:
-    """One language's shard as a stream of rows, through a seeded shuffle window."""
+    """One language's shard as a stream of rows, through a seeded shuffle window; the first
+    `drop` rows of the shard are left out (a run resumed on another number of workers)."""
 
-    def __init__(self, shard, lang_index: int, seed: int, repeat: bool, window: int):
+    def __init__(self, shard, lang_index: int, seed: int, repeat: bool, window: int, drop: int = 0):
         self.shard, self.repeat, self.window = shard, repeat, window
         self.rng = np.random.default_rng([seed, lang_index])
         self.buf: list[Row] = []
         self.source = self._rows()
+        for _ in itertools.islice(self.source, drop):  # read and discarded, as `skip` does
+            pass
         self.exhausted = False
 
     def _rows(self) -> Iterator[Row]:
@@ -107,6 +111,7 @@ class StreamReader:
     seed: int = 0
     repeat: tuple[str, ...] = ()  # languages that may start over when their shard ends
     window: int = SHUFFLE_WINDOW
+    block_rows: int = 256  # rows per Ray Data block at most; bounds a resume on another world size
     _shards: dict | None = field(default=None, repr=False, compare=False)
     _seen: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -123,31 +128,61 @@ class StreamReader:
         """Micro-batches every worker yields (the last partial one is not yielded)."""
         return self.sequences_per_worker // micro_batch_size
 
-    def batches(self, micro_batch_size: int, skip: int = 0) -> Iterator[dict]:
+    def batches(self, micro_batch_size: int, skip: int = 0, start: dict[str, int] | None = None) -> Iterator[dict]:
         """This worker's micro-batches in their deterministic order, without the first `skip`.
 
         Yields {"input_ids": LongTensor[B, seq_len], "labels": LongTensor[B, seq_len] (-100: no
-        loss; pretraining: equal to input_ids), "tokens": {language: trained tokens}}. Every
-        worker yields `micro_batches(B)` of them. A resumed run reads and discards the skipped
-        part (tokenization is cheap next to training; see benchmarks/ingest.py).
+        loss; pretraining: equal to input_ids), "tokens": {language: trained tokens},
+        "sequences": {language: sequences}}. Every worker yields `micro_batches(B)` of them. A
+        resumed run reads and discards the skipped part (tokenization is cheap next to training;
+        see benchmarks/ingest.py).
+
+        `start` (a run resumed on another number of workers): per language, the sequences all
+        workers of the earlier stream trained. Each worker leaves out the first
+        `start[lang] // world_size` rows of its shard of every language and mixes the rest by
+        the quotas less those rows, so the languages keep the asked ratio and the stream ends
+        where the earlier one would have. Which rows the earlier workers read is known only up
+        to Ray Data's blocks and their shuffle windows: see `resume_bound`.
         """
         import torch
 
         shards = self._shards if self._shards is not None else self._train_shards()
         langs = sorted(self.datasets)
-        rows = {lang: _Rows(shards[lang], i, self.seed, lang in self.repeat, self.window) for i, lang in enumerate(langs)}
+        drop = {lang: (start or {}).get(lang, 0) // self.world_size for lang in langs}
+        quotas = {lang: max(0, self.quotas[lang] - drop[lang]) for lang in langs}
+        rows = {lang: _Rows(shards[lang], i, self.seed, lang in self.repeat, self.window, drop[lang])
+                for i, lang in enumerate(langs)}
         self._seen = {lang: Counter() for lang in langs}
         self._seen_batches, self._start = 0, time.monotonic()
-        order = mix_order(self.quotas)
+        if start and self._rank() == 0:
+            log.info(f"data: resumed on {self.world_size} worker(s) after "
+                     + ", ".join(f"{start.get(lang, 0)} {lang}" for lang in langs)
+                     + " sequences trained; each worker starts its shards after "
+                     + ", ".join(f"{drop[lang]} {lang}" for lang in langs))
+        order = mix_order(quotas)
         try:
-            yield from self._mix(rows, order, micro_batch_size, skip, torch)
+            yield from self._mix(rows, order, sum(quotas.values()) // micro_batch_size, micro_batch_size, skip, torch)
         finally:  # close the shard iterators while Ray is still up (not at interpreter exit)
             for r in rows.values():
                 r.source.close()
 
-    def _mix(self, rows: dict, order: Iterator[str], micro_batch_size: int, skip: int, torch) -> Iterator[dict]:
+    def resume_bound(self, old_world: int) -> int:
+        """Sequences of each language that a stream begun at `start` may train a second time,
+        and that it may never read, next to what `old_world` workers read before it.
+
+        Ray Data hands each block to the split that has been dispatched the fewest rows, so the
+        first m rows of every worker's shard are, together, the first world x m rows of the
+        language's dataset, give or take about world x block_rows (more near the end of the
+        dataset, where the last blocks are cut to equal sizes: up to three times that). Each old
+        worker also held up to `window` rows it had read but not trained in its shuffle window.
+        Both splits' block margins, the old workers' windows, and one row per new worker of
+        rounding make the bound."""
+        return old_world * self.window + 3 * (old_world + self.world_size) * self.block_rows + self.world_size
+
+    def _mix(self, rows: dict, order: Iterator[str], micro_batches: int, micro_batch_size: int, skip: int,
+             torch) -> Iterator[dict]:
         last_log = self._start
-        for b in range(self.micro_batches(micro_batch_size)):
+        for b in range(micro_batches):
             picked = []
             for lang in (next(order) for _ in range(micro_batch_size)):
                 row = rows[lang].next()
@@ -169,10 +204,11 @@ class StreamReader:
                 labels = torch.from_numpy(np.stack([r.labels for _, r in picked])).long()
             else:
                 labels = input_ids.clone()
-            tokens = Counter()
+            tokens, sequences = Counter(), Counter()
             for lang, r in picked:
                 tokens[lang] += r.tokens
-            yield {"input_ids": input_ids, "labels": labels, "tokens": dict(tokens)}
+                sequences[lang] += 1
+            yield {"input_ids": input_ids, "labels": labels, "tokens": dict(tokens), "sequences": dict(sequences)}
             now = time.monotonic()
             if now - last_log > _LOG_EVERY_S and self._rank() == 0:
                 last_log = now

@@ -4,7 +4,8 @@
 - `loop`                  the worker loop (one per rank)
 - `model`                 build on meta, choose trainable parameters, FSDP2, load tensor by tensor
 - `optim`                 AdamW and the warm-up + cosine schedule
-- `checkpoint`            sharded DCP checkpoints through Ray Train, resume checks
+- `state`                 the train state (step, schedule, data position, tokens per language)
+- `checkpoint`            sharded DCP checkpoints of model, optimizer and train state through Ray Train
 - `export`                the trained model as a HF safetensors checkpoint, tensor by tensor
 - `metrics`               FLOPs per token, MFU, peak memory, the JSON-lines log
 - `reader`                the `BatchReader` protocol the data plane implements

@@ -8,11 +8,16 @@ hyper-parameters (`train`). Per optimizer step the loop:
    every rank learns of a bad batch on any rank, so they stop together);
 2. runs forward/backward with the causal-LM loss summed over the label tokens (labels -100
    carry no loss) and divided by the step's label tokens on all ranks, so that accumulation and
-   data parallelism give the same gradient as one big batch;
+   data parallelism give the same gradient as one big batch (tests/test_train_equivalence.py);
 3. clips the gradient norm, stops on a NaN/inf loss or norm *before* the update (so no checkpoint
    of a bad state exists), steps AdamW and the schedule;
 4. every `log_every` steps reports metrics to Ray Train and prints a progress line; every
-   `checkpoint_every` steps (and at the end) saves a sharded checkpoint.
+   `checkpoint_every` steps (and at the end) saves a sharded checkpoint of the model, the
+   optimizer and the train state (`state.TrainState`).
+
+A run resumes from its latest checkpoint, also on another number of workers: DCP reshards the
+model and optimizer, the global batch and the schedule stay as they were, and the data stream
+continues after the sequences of each language trained so far (`TrainState.reshard`).
 
 At the end it exports the trained model as a HF checkpoint at `output_uri`. Errors that a retry
 cannot fix (`TrainingError`) end every worker cleanly and are recorded in `error.json` in the
@@ -21,7 +26,6 @@ run's storage, from which `run_training` raises them on the driver.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -37,9 +41,10 @@ from elo_ray.config import TrainConfig
 from elo_ray.train import checkpoint, export, metrics
 from elo_ray.train import model as model_lib
 from elo_ray.train.errors import DivergedError, TrainingError
-from elo_ray.train.optim import build_optimizer, build_scheduler
+from elo_ray.train.optim import build_optimizer
 from elo_ray.train.reader import Batch, BatchReader
-from elo_ray.train.step import check_batches, train_step
+from elo_ray.train.state import DataPosition, TrainState
+from elo_ray.train.step import BatchStats, check_batches, train_step
 
 log = logging.getLogger(__name__)
 ERROR_FILE = "error.json"
@@ -64,7 +69,10 @@ def train_loop_per_worker(config: dict) -> None:
     loop: LoopConfig = config["loop"]
     worker = Worker(loop)
     try:
-        worker.run()
+        worker.set_up()
+        worker.resume()
+        worker.train()
+        worker.export()
     except TrainingError as e:
         # Raised on every rank at the same point (checks are collective): end cleanly so that
         # Ray Train does not retry what cannot succeed, and leave the reason for the driver.
@@ -76,26 +84,29 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 class Worker:
-    """One rank's view of the stage: model shard, optimizer, data position, metrics."""
+    """One rank's view of the stage, read top to bottom: `set_up` (model shard, optimizer, train
+    state), `resume` (from the run's latest checkpoint, on any number of workers), `train` (the
+    optimizer steps, metrics and checkpoints), `export` (the trained model as a HF checkpoint)."""
 
     def __init__(self, loop: LoopConfig):
         self.loop = loop
-        self.train = loop.train
+        self.train_cfg = loop.train
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
         self.device = ray.train.torch.get_device()
         self.log: metrics.MetricsLog | None = None  # rank 0's records, once the run's are read back
+        self.progress: metrics.Progress | None = None  # rank 0's progress lines (ETA), once resumed
         self.report_every_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))
-        self.progress = metrics.Progress(loop.total_steps)  # rank 0's progress lines, with ETA
         self.last_report = time.monotonic()
 
     # ------------------------------------------------------------------ set-up
 
-    def run(self) -> None:
+    def set_up(self) -> None:
+        """Build the sharded model, the optimizer and a fresh train state for step 0."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        t = self.train
+        t = self.train_cfg
         torch.manual_seed(t.seed)
         mesh = init_device_mesh(self.device.type, (self.world,))
         self.model_dir = model_lib.fetch(self.loop.model_uri, self.local_rank)
@@ -103,91 +114,109 @@ class Worker:
         self.model = self.stage.module
         self.config = self.stage.config
         self.optimizer = build_optimizer(self.model, t, self.device)
-        self.scheduler = build_scheduler(self.optimizer, t, self.loop.total_steps)
-        self.fingerprint = checkpoint.fingerprint(self.model, self.config, t.method, self.world)
+        self.state = TrainState(
+            data=DataPosition(world=self.world, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum),
+            total_steps=self.loop.total_steps,
+            optimizer=self.optimizer,
+            train=t,
+            fingerprint=checkpoint.fingerprint(self.model, self.config, t.method),
+        )
         mp = model_lib.mixed_precision(t.precision, self.device)
         self.compute_dtype = mp.param_dtype if mp is not None else torch.float32
         self.peak = metrics.peak_tflops(self.device, self.compute_dtype)
 
-        saved = checkpoint.restore(self.model, self.optimizer, self.fingerprint)
-        self.step = saved["step"] if saved else 0
-        self.consumed = saved["consumed"] if saved else 0
-        self.lang_tokens = collections.Counter(saved["lang_tokens"][self.rank] if saved else {})
-        self.tokens_total = saved["tokens_total"] if saved else 0
+    # ------------------------------------------------------------------ resume
+
+    def resume(self) -> None:
+        """Continue from the run's latest checkpoint, if there is one; on another number of
+        workers, DCP reshards the model and optimizer and the state continues the data stream
+        (`TrainState.reshard`)."""
+        saved = checkpoint.restore(self.model, self.optimizer, self.state)
+        self.resumed_from = self.state.step
+        self.last_checkpoint = self.state.step if saved else None
         if saved:
-            self.scheduler.load_state_dict(saved["scheduler"])
-        self.resumed_from = self.step
-        self.last_checkpoint = self.step if saved else None
+            record = {"from_step": self.state.step, "old_world": self.state.data.world, "new_world": self.world}
+            if self.state.data.world != self.world:
+                record = self.state.reshard(self.world, self.train_cfg.micro_batch_size)
+                record["max_sequences_repeated_or_skipped"] = self.loop.reader.resume_bound(record["old_world"])
+            else:
+                record["max_sequences_repeated_or_skipped"] = 0  # the same stream, replayed to where it stopped
+            self.state.resumed.append(record)
         if self.rank == 0:
-            self.log = metrics.MetricsLog.resume(storage.join(self.loop.run_uri, METRICS_FILE), self.step)
-        if self.rank == 0:
-            what = f"resuming from step {self.step}" if saved else "starting"
-            log.info(f"{t.method}: {what}; {len(self.stage.trainable)} trainable tensors, "
-                     f"{self.loop.total_steps} steps, {self.world} worker(s) on {self.device.type}"
+            self.progress = metrics.Progress(self.state.total_steps)
+            self.log = metrics.MetricsLog.resume(storage.join(self.loop.run_uri, METRICS_FILE), self.state.step)
+            log.info(f"{self.train_cfg.method}: {self._start_line(saved)}; {len(self.stage.trainable)} "
+                     f"trainable tensors, {self.state.total_steps} steps, {self.world} worker(s) on {self.device.type}"
                      + (f" ({torch.get_num_threads()} threads each)" if self.device.type == "cpu" else ""))
-        self.train_steps()
-        export.export(self.model, self.model_dir, self.loop.output_uri)
-        if self.rank == 0:
-            self.log.write(self.loop.extra_metrics_uri)
-            log.info(f"exported {self.loop.output_uri}")
+
+    def _start_line(self, saved: bool) -> str:
+        if not saved:
+            return "starting"
+        r = self.state.resumed[-1]
+        if r["old_world"] == r["new_world"]:
+            return f"resuming from step {self.state.step}"
+        return (f"resuming from step {self.state.step} on {r['new_world']} workers (was {r['old_world']}): "
+                f"{self.state.global_batch} sequences per step as before, micro_batch_size {r['micro_batch_size']} "
+                f"x grad_accum {r['grad_accum']} per worker; the data stream continues after the sequences "
+                f"trained, within {r['max_sequences_repeated_or_skipped']} sequences per language")
 
     # ------------------------------------------------------------------ training
 
-    def train_steps(self) -> None:
-        t = self.train
-        batches = iter(self.loop.reader.batches(t.micro_batch_size, skip=self.consumed))
+    def train(self) -> None:
+        """Optimizer steps until the schedule ends or the data does; metrics every `log_every`
+        steps, a checkpoint every `checkpoint_every` steps and at the end."""
+        t, state, data = self.train_cfg, self.state, self.state.data
+        batches = iter(self.loop.reader.batches(data.micro_batch_size, skip=data.micro_batches, start=data.start))
         interval = _Interval()
-        while self.step < self.loop.total_steps:
+        while state.step < state.total_steps:
             waited = time.perf_counter()
-            micro = [b for _, b in zip(range(t.grad_accum), batches)]
+            micro = [b for _, b in zip(range(data.grad_accum), batches)]
             interval.data_wait += time.perf_counter() - waited
-            if len(micro) < t.grad_accum:  # every worker yields the same count: all stop here
-                if self.step == 0:
+            if len(micro) < data.grad_accum:  # every worker yields the same count: all stop here
+                if state.step == 0:
                     raise TrainingError(
-                        f"the data stream ended before the first step: fewer than grad_accum={t.grad_accum} "
-                        f"micro-batches of {t.micro_batch_size} sequences per worker; add data or lower them"
+                        f"the data stream ended before the first step: fewer than grad_accum={data.grad_accum} "
+                        f"micro-batches of {data.micro_batch_size} sequences per worker; add data or lower them"
                     )
                 break
-            loss, grad_norm, tokens, label_tokens, seq_len = self.optimizer_step(micro)
-            self.step += 1
-            self.consumed += t.grad_accum
-            self.tokens_total += tokens
-            flops = tokens * metrics.train_flops_per_token(self.config, t.method, seq_len, t.lora_rank,
-                                                            self.stage.full_layers)
-            interval.add(loss * label_tokens, label_tokens, tokens, flops, grad_norm)
-            done = self.step == self.loop.total_steps
+            loss, grad_norm, stats = self.optimizer_step(micro)
+            state.advance(stats.tokens)
+            flops = stats.tokens * metrics.train_flops_per_token(self.config, t.method, stats.seq_len, t.lora_rank,
+                                                                 self.stage.full_layers)
+            interval.add(loss * stats.label_tokens, stats.label_tokens, stats.tokens, flops, grad_norm)
+            done = state.step == state.total_steps
             report, to_ray = None, False
-            if self.step % t.log_every == 0 or done:
+            if state.step % t.log_every == 0 or done:
                 report, to_ray = self.interval_metrics(interval)
                 interval = _Interval()
-            if self.step % t.checkpoint_every == 0 or done:
-                interval.exclude(self.save(report or {"step": self.step}))
+            if state.step % t.checkpoint_every == 0 or done:
+                interval.exclude(self.save(report or {"step": state.step}))
             elif to_ray:
                 ray.train.report(report)
                 self.last_report = time.monotonic()
-        if self.last_checkpoint != self.step:  # the data ended between checkpoints
-            report = self.interval_metrics(interval)[0] if interval.steps else {"step": self.step}
+        if self.last_checkpoint != state.step:  # the data ended between checkpoints
+            report = self.interval_metrics(interval)[0] if interval.steps else {"step": state.step}
             self.save({**report, "stopped": "data_exhausted"})
 
-    def optimizer_step(self, micro: list[Batch]) -> tuple[float, float, int, int, int]:
-        """One optimizer step over `micro`; returns (loss, grad norm, tokens, label tokens, seq len)."""
-        stats = check_batches(micro, self.config, self.step + 1, self.device)
+    def optimizer_step(self, micro: list[Batch]) -> tuple[float, float, BatchStats]:
+        """One optimizer step over `micro`; returns (loss, grad norm, the step's token counts)."""
+        step = self.state.step + 1
+        stats = check_batches(micro, self.config, step, self.device)
         for b in micro:
-            for lang, n in b.get("tokens", {}).items():
-                self.lang_tokens[lang] += int(n)
-        self.lr = self.scheduler.get_last_lr()[0]
-        r = train_step(self.model, self.optimizer, micro, stats, self.train.grad_clip, self.device, self.world,
+            self.state.count(b)
+        self.lr = self.state.scheduler.get_last_lr()[0]
+        r = train_step(self.model, self.optimizer, micro, stats, self.train_cfg.grad_clip, self.device, self.world,
                        self.stage.loss)
         if not r.finite:
             kept = (f"the last good checkpoint is step {self.last_checkpoint}" if self.last_checkpoint
                     else "no checkpoint was saved before it")
             raise DivergedError(
-                f"training diverged at step {self.step + 1}: loss {r.loss}, grad norm {r.grad_norm}; {kept} "
+                f"training diverged at step {step}: loss {r.loss}, grad norm {r.grad_norm}; {kept} "
                 f"(nothing of the bad state is saved). Lower train.lr or raise warmup_steps, then run again.",
-                step=self.step + 1,
+                step=step,
             )
-        self.scheduler.step()
-        return r.loss, r.grad_norm, stats.tokens, stats.label_tokens, stats.seq_len
+        self.state.scheduler.step()
+        return r.loss, r.grad_norm, stats
 
     # ------------------------------------------------------------------ metrics and checkpoints
 
@@ -203,11 +232,10 @@ class Worker:
         shared = torch.tensor([metrics.peak_memory_gb(self.device), float(due)], device=self.device)
         dist.all_reduce(shared, op=dist.ReduceOp.MAX)
         peak_mem, due = shared[0], bool(shared[1])
-        langs = [None] * self.world
-        dist.all_gather_object(langs, dict(self.lang_tokens))
+        self.state.gather()
         tflops = interval.flops / elapsed / self.world / 1e12
         m = {
-            "step": self.step,
+            "step": self.state.step,
             "loss": interval.loss_sum / max(interval.label_tokens, 1),
             "lr": self.lr,
             "grad_norm": interval.grad_norm,
@@ -220,10 +248,10 @@ class Worker:
             "tflops_per_worker": tflops,
             "mfu": tflops / self.peak if self.peak else None,
             "peak_memory_gb": float(peak_mem),
-            "tokens_total": self.tokens_total,
+            "tokens_total": self.state.tokens_total,
             "resumed_from_step": self.resumed_from,
-            "total_steps": self.loop.total_steps,
-            **{f"tokens_{k}": v for k, v in sorted(sum(map(collections.Counter, langs), collections.Counter()).items())},
+            "total_steps": self.state.total_steps,
+            **{f"tokens_{k}": v for k, v in sorted(self.state.tokens_per_language.items())},
         }
         if self.rank == 0:
             self.log.append(m)
@@ -232,25 +260,25 @@ class Worker:
         return m, due
 
     def save(self, report: dict) -> tuple[float, float]:
-        """Save a checkpoint of this step with `report` attached; returns the (wall, CPU)
-        seconds it took."""
+        """Save a checkpoint of this step with `report` (and every resume of the run) attached;
+        returns the (wall, CPU) seconds it took. Collective."""
         began, began_cpu = time.perf_counter(), time.process_time()
-        langs = [None] * self.world
-        dist.all_gather_object(langs, dict(self.lang_tokens))
-        state = {
-            "step": self.step,
-            "consumed": self.consumed,
-            "tokens_total": self.tokens_total,
-            "lang_tokens": langs,
-            "scheduler": self.scheduler.state_dict(),
-            "fingerprint": self.fingerprint,
-        }
+        self.state.gather()
         if self.rank == 0:
             self.log.write(self.loop.extra_metrics_uri)
-        checkpoint.save(self.model, self.optimizer, state, report)
+        checkpoint.save(self.model, self.optimizer, self.state, {**report, "resumed": self.state.resumed})
         self.last_report = time.monotonic()
-        self.last_checkpoint = self.step
+        self.last_checkpoint = self.state.step
         return time.perf_counter() - began, time.process_time() - began_cpu
+
+    # ------------------------------------------------------------------ export
+
+    def export(self) -> None:
+        """Write the trained model to `output_uri` as a HF checkpoint, tensor by tensor."""
+        export.export(self.model, self.model_dir, self.loop.output_uri)
+        if self.rank == 0:
+            self.log.write(self.loop.extra_metrics_uri)
+            log.info(f"exported {self.loop.output_uri}")
 
 
 class _Interval:

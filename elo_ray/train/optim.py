@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,7 +34,10 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: floa
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int | Callable[[], int]):
+    """The warm-up + cosine schedule over `total_steps` (a number, or a function read at every
+    step: the train state's schedule length, which a resumed run restores)."""
+    length = total_steps if callable(total_steps) else (lambda: total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, train.warmup_steps, total_steps, train.min_lr_ratio)
+        optimizer, lambda s: lr_factor(s, train.warmup_steps, length(), train.min_lr_ratio)
     )

@@ -3,11 +3,12 @@
 Rows of token ids live in a Ray Dataset handed to TorchTrainer unsplit; every worker streams all
 rows in order and keeps its own share (micro-batch j of worker r is rows
 [(j * world + r) * B, ... + B)), so the sequence of each worker is deterministic and `skip` is
-exact. The real corpus reader is `elo_ray.data`; this one only feeds known tokens.
+exact; so is `start` (the stream begins after that many rows, on any number of workers). The real corpus reader is `elo_ray.data`; this one only feeds known tokens.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -49,23 +50,36 @@ class RowsReader:
     def totals(self) -> dict:
         return {"sequences": self.num_rows, "tokens": self.num_rows * self.seq_len}
 
-    def batches(self, micro_batch_size: int, skip: int = 0) -> Iterator[dict]:
+    def resume_bound(self, old_world: int) -> int:
+        return 0  # every worker reads all rows in order: a resumed stream starts at the exact row
+
+    def batches(self, micro_batch_size: int, skip: int = 0, start: dict[str, int] | None = None) -> Iterator[dict]:
         import ray.train
 
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
-        shard = ray.train.get_dataset_shard(self.dataset)
-        rows = micro_batch_size * world
-        for j, batch in enumerate(shard.iter_batches(batch_size=rows, batch_format="numpy", drop_last=True)):
+        rows = itertools.islice(self._rows(ray.train.get_dataset_shard(self.dataset)), sum((start or {}).values()), None)
+        per_step = micro_batch_size * world
+        for j, chunk in enumerate(iter(lambda: list(itertools.islice(rows, per_step)), [])):
+            if len(chunk) < per_step:  # the last partial chunk is not yielded
+                return
             if j < skip:
                 continue
-            mine = slice(rank * micro_batch_size, (rank + 1) * micro_batch_size)
-            input_ids = torch.from_numpy(np.stack(batch["input_ids"][mine])).long()
-            labels = torch.from_numpy(np.stack(batch["labels"][mine])).long()
+            mine = chunk[rank * micro_batch_size:(rank + 1) * micro_batch_size]
+            input_ids = torch.from_numpy(np.stack([ids for ids, _, _ in mine])).long()
+            labels = torch.from_numpy(np.stack([labels for _, labels, _ in mine])).long()
             tokens: dict[str, int] = {}
-            for lang, row in zip(batch["lang"][mine], input_ids):
-                tokens[str(lang)] = tokens.get(str(lang), 0) + row.numel()
-            yield {"input_ids": input_ids, "labels": labels, "tokens": tokens}
+            sequences: dict[str, int] = {}
+            for ids, _, lang in mine:
+                tokens[lang] = tokens.get(lang, 0) + len(ids)
+                sequences[lang] = sequences.get(lang, 0) + 1
+            yield {"input_ids": input_ids, "labels": labels, "tokens": tokens, "sequences": sequences}
+
+    @staticmethod
+    def _rows(shard) -> Iterator[tuple]:
+        for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+            for ids, labels, lang in zip(batch["input_ids"], batch["labels"], batch["lang"]):
+                yield ids, labels, str(lang)
 
 
 @dataclass
