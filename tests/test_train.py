@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from elo_ray import storage, surgery
 from elo_ray.config import ResourcesConfig, TrainConfig
 from elo_ray.tiny import tiny_config, tiny_model
-from elo_ray.train import CheckpointMismatchError, DivergedError, run_training
+from elo_ray.train import CheckpointMismatchError, DivergedError, TrainingError, run_training
 from elo_ray.train.synthetic import RowsReader, learnable_rows, rows_plan
 
 # Workers unpickle the test's reader subclass by value: tests/ is not on their sys.path.
@@ -60,13 +60,13 @@ def models(tmp_path_factory, tiny_tokenizer):
     return {"base": str(root / "base"), "elo": str(root / "elo"), "root": root}
 
 
-def train(models, name, storage_uri, output_uri, *, model="elo", reader=None, **overrides):
+def train(models, name, storage_uri, output_uri, *, model="elo", reader=None, resources=WORKERS, **overrides):
     plan = rows_plan(learnable_rows(STEPS * 2 * 2, SEQ, VOCAB))
     if reader is not None:
         plan.reader = reader
     return run_training(
         name=name, model_uri=models[model], output_uri=output_uri, storage_uri=storage_uri,
-        train=TrainConfig(**{**ELO_TRAIN, **overrides}), resources=WORKERS, plan=plan, seq_len=SEQ,
+        train=TrainConfig(**{**ELO_TRAIN, **overrides}), resources=resources, plan=plan, seq_len=SEQ,
     )
 
 
@@ -178,6 +178,50 @@ def test_worker_killed_mid_run_resumes_on_s3_to_the_same_weights(elo_run, models
     lines = storage.read_text(f"{s3_bucket}/runs/elo/metrics.jsonl").splitlines()
     assert len(lines) == STEPS // 2
     assert transformers.AutoConfig.from_pretrained(storage.download(out, str(tmp_path / "dl"))).elo_layers == [0, 3]
+
+
+class StoppingReader(RowsReader):
+    """Stops a fresh stream at micro-batch `stop_at` on every rank (a `TrainingError`, as a lost
+    node ends a run); a stream resumed on another number of workers (`start` given) runs on."""
+
+    def __init__(self, inner: RowsReader, stop_at: int):
+        super().__init__(inner.num_rows, inner.seq_len, inner.dataset)
+        self.stop_at = stop_at
+
+    def batches(self, micro_batch_size, skip=0, start=None):
+        for i, b in enumerate(super().batches(micro_batch_size, skip, start), start=skip):
+            if i == self.stop_at and not start:
+                raise TrainingError("a node was lost")
+            yield b
+
+
+def test_run_stopped_on_two_workers_resumes_on_one_to_the_same_weights(elo_run, models, tmp_path):
+    """The step-4 checkpoint of 2 workers, resumed on 1: DCP reshards it, the global batch of 4
+    sequences becomes micro-batch 2 x accumulation 2, and the exact stream continues at row 16, so
+    losses and weights are the uninterrupted 2-worker run's (fp32 tolerance)."""
+    inner = rows_plan(learnable_rows(STEPS * 2 * 2, SEQ, VOCAB)).reader
+    out = tmp_path / "out"
+    with pytest.raises(TrainingError, match="a node was lost"):
+        train(models, "elo", str(tmp_path), str(out), reader=StoppingReader(inner, stop_at=5))
+    assert not out.exists()
+
+    one = ResourcesConfig(num_workers=1, cpus_per_worker=0.5, max_failures=0)
+    result = train(models, "elo", str(tmp_path), str(out), reader=StoppingReader(inner, stop_at=5), resources=one)
+    assert result.resumed_from_step == 4 and result.steps == STEPS
+    assert result.metrics["resumed"] == [{
+        "from_step": 4, "old_world": 2, "new_world": 1, "micro_batch_size": 2, "grad_accum": 2,
+        "sequences_trained": {"en": 16}, "max_sequences_repeated_or_skipped": 0,
+    }]
+    assert result.metrics["tokens_total"] == elo_run["result"].metrics["tokens_total"] == STEPS * 4 * SEQ
+    resumed = [json.loads(line) for line in open(result.metrics_uri)]
+    whole = [json.loads(line) for line in open(elo_run["result"].metrics_uri)]
+    assert [m["step"] for m in resumed] == [m["step"] for m in whole] == list(range(2, STEPS + 1, 2))
+    for r, w in zip(resumed, whole):
+        assert r["loss"] == pytest.approx(w["loss"], rel=1e-5) and r["lr"] == pytest.approx(w["lr"], rel=1e-6)
+    after, uninterrupted = tensors(str(out)), tensors(elo_run["out"])
+    assert sorted(after) == sorted(uninterrupted)
+    for name in uninterrupted:
+        torch.testing.assert_close(after[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_resume_with_another_model_names_the_mismatch(elo_run, models, tmp_path):

@@ -60,7 +60,7 @@ class LoopConfig:
     output_uri: str  # where the trained model is exported
     run_uri: str  # the run's storage: {storage_uri}/{name}; metrics.jsonl and error.json live here
     reader: BatchReader
-    total_steps: int  # optimizer steps of the schedule (the run may stop earlier when data ends)
+    total_steps: int  # optimizer steps of the schedule (data may end it earlier); a resumed run keeps its own
     extra_metrics_uri: str | None = None  # a second copy of metrics.jsonl (e.g. the stage's directory)
 
 

@@ -3,7 +3,8 @@
 Rows of token ids live in a Ray Dataset handed to TorchTrainer unsplit; every worker streams all
 rows in order and keeps its own share (micro-batch j of worker r is rows
 [(j * world + r) * B, ... + B)), so the sequence of each worker is deterministic and `skip` is
-exact; so is `start` (the stream begins after that many rows, on any number of workers). The real corpus reader is `elo_ray.data`; this one only feeds known tokens.
+exact; so is `start` (the stream begins after that many rows, on any number of workers). The
+real corpus reader is `elo_ray.data`; this one only feeds known tokens.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 `run_training` fails fast on what it can check without workers (sequence length, method,
 trainable parameters, schedule length), then runs `TorchTrainer` with FSDP2 workers. Running it
-again with the same `name` and `storage_uri` resumes the run from its latest checkpoint; a worker
-that dies mid-run is restarted from there up to `resources.max_failures` times.
+again with the same `name` and `storage_uri` resumes the run from its latest checkpoint, also with
+another `resources.num_workers` (`state.TrainState.reshard`); a worker that dies mid-run is
+restarted from there up to `resources.max_failures` times.
 """
 
 from __future__ import annotations
