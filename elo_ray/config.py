@@ -315,6 +315,31 @@ class StorageConfig(Config):
     root: str = Field(description="Local path or s3:// / gs:// URI; credentials come from the environment.")
 
 
+class WandBConfig(Config):
+    """Weights & Biases: one run per stage, grouped by run id. Credentials from WANDB_API_KEY (or
+    `wandb login`), WANDB_MODE, WANDB_BASE_URL in the environment of every node."""
+
+    project: str = Field("elo-ray", description="W&B project of the stage runs.")
+    entity: str | None = Field(None, description="W&B team or user; default: the API key's default entity.")
+
+
+class MLflowConfig(Config):
+    """MLflow: one run per stage, nested under a parent run named after the run id."""
+
+    experiment: str = Field("elo-ray", description="MLflow experiment of the runs (created if missing).")
+    tracking_uri: str | None = Field(
+        None, description="Tracking server or store; default: MLFLOW_TRACKING_URI from the environment."
+    )
+
+
+class TrackingConfig(Config):
+    """Where training metrics go besides each stage's metrics.jsonl. Changing it reruns nothing."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files in {run}/{stage}/tensorboard/.")
+    wandb: WandBConfig | None = Field(None, description="Log to W&B (extra: elo-ray[wandb]); unset: off.")
+    mlflow: MLflowConfig | None = Field(None, description="Log to MLflow (extra: elo-ray[mlflow]); unset: off.")
+
+
 class JobSpec(Config):
     """A whole elo-ray job: models, storage, resources and the five stages."""
 
@@ -327,6 +352,7 @@ class JobSpec(Config):
     align: AlignStage = Field(default_factory=AlignStage)
     instruct: InstructStage = Field(default_factory=lambda: InstructStage(enabled=False))
     eval: EvalStage = Field(default_factory=EvalStage)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> "JobSpec":

@@ -19,6 +19,7 @@ from elo_ray import builtin, data, evaluate, local_ray, log_relay, logs, stage_t
 from elo_ray.config import TrainConfig
 from elo_ray.pipeline import StageContext, StageResult
 from elo_ray.train import run_training
+from elo_ray.train.metric_logging import TrackingTarget
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,9 @@ def _train(ctx: StageContext, model_uri: str, train: TrainConfig, plan, seq_len:
         resources=ctx.spec.resources,
         plan=plan,
         seq_len=seq_len,
+        tracking=TrackingTarget.for_stage(
+            ctx.spec.tracking, ctx.run.run_id, ctx.stage, ctx.uri, train.model_dump(mode="json")
+        ),
     )
     trained = {lang: result.metrics[f"tokens_{lang}"] for lang in plan.languages if f"tokens_{lang}" in result.metrics}
     total = sum(trained.values())
@@ -100,7 +104,8 @@ def _train(ctx: StageContext, model_uri: str, train: TrainConfig, plan, seq_len:
         "trained_shares": {lang: n / total for lang, n in trained.items()} if total else {},
         "per_language": plan.report,  # docs, tokens read and dropped, skipped records, held out
     }
-    return StageResult(uris={"model": output}, metrics={**result.metrics, "data": data_metrics})
+    return StageResult(uris={"model": output, "metrics": result.metrics_uri},
+                       metrics={**result.metrics, "data": data_metrics})
 
 
 def _remote(fn, *args, **kwargs):

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from elo_ray import storage
 from elo_ray.config import TrainConfig
-from elo_ray.train import checkpoint, export, metrics
+from elo_ray.train import checkpoint, export, metric_logging, metrics
 from elo_ray.train import model as model_lib
 from elo_ray.train.errors import DivergedError, TrainingError
 from elo_ray.train.optim import build_optimizer
@@ -62,6 +62,7 @@ class LoopConfig:
     reader: BatchReader
     total_steps: int  # optimizer steps of the schedule (data may end it earlier); a resumed run keeps its own
     extra_metrics_uri: str | None = None  # a second copy of metrics.jsonl (e.g. the stage's directory)
+    tracking: metric_logging.TrackingTarget | None = None  # TensorBoard, W&B, MLflow (rank 0 logs)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -79,6 +80,8 @@ def train_loop_per_worker(config: dict) -> None:
         if worker.rank == 0:
             if worker.log is not None:  # keep the curve up to the failure
                 worker.log.write()
+            if worker.metric_logger is not None:
+                worker.metric_logger.close()
             record = {"type": type(e).__name__, "message": str(e), "step": getattr(e, "step", None)}
             storage.write_text(storage.join(loop.run_uri, ERROR_FILE), json.dumps(record))
 
@@ -97,6 +100,7 @@ class Worker:
         self.device = ray.train.torch.get_device()
         self.log: metrics.MetricsLog | None = None  # rank 0's records, once the run's are read back
         self.progress: metrics.Progress | None = None  # rank 0's progress lines (ETA), once resumed
+        self.metric_logger: metric_logging.MetricLoggers | None = None  # rank 0's TensorBoard, W&B, MLflow
         self.report_every_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", 2.0))
         self.last_report = time.monotonic()
 
@@ -145,6 +149,7 @@ class Worker:
         if self.rank == 0:
             self.progress = metrics.Progress(self.state.total_steps)
             self.log = metrics.MetricsLog.resume(storage.join(self.loop.run_uri, METRICS_FILE), self.state.step)
+            self.metric_logger = metric_logging.build(self.loop.tracking, resumed_from_step=self.state.step)
             log.info(f"{self.train_cfg.method}: {self._start_line(saved)}; {len(self.stage.trainable)} "
                      f"trainable tensors, {self.state.total_steps} steps, {self.world} worker(s) on {self.device.type}"
                      + (f" ({torch.get_num_threads()} threads each)" if self.device.type == "cpu" else ""))
@@ -255,6 +260,7 @@ class Worker:
         }
         if self.rank == 0:
             self.log.append(m)
+            self.metric_logger.log_dict(m, self.state.step)
             log.info(self.progress.line(m))
             log.debug(metrics.progress_detail(m))
         return m, due
@@ -278,6 +284,7 @@ class Worker:
         export.export(self.model, self.model_dir, self.loop.output_uri)
         if self.rank == 0:
             self.log.write(self.loop.extra_metrics_uri)
+            self.metric_logger.close()
             log.info(f"exported {self.loop.output_uri}")
 
 

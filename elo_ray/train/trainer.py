@@ -20,6 +20,7 @@ from elo_ray.config import ResourcesConfig, TrainConfig
 from elo_ray.train import model as model_lib
 from elo_ray.train.errors import ERRORS, DivergedError, TrainingError
 from elo_ray.train.loop import ERROR_FILE, METRICS_FILE, LoopConfig, train_loop_per_worker
+from elo_ray.train.metric_logging import TrackingTarget
 from elo_ray.train.reader import BatchReader
 
 
@@ -76,12 +77,13 @@ def run_training(
     plan: Any,
     seq_len: int,
     extra_metrics_uri: str | None = None,
+    tracking: TrackingTarget | None = None,
 ) -> TrainResult:
     """Train the model at `model_uri` on `plan`'s stream and export it to `output_uri`.
 
     `plan` has `.datasets` and `.dataset_config` (handed to TorchTrainer) and `.reader` (a
     `BatchReader`, handed to the workers). The run lives at `{storage_uri}/{name}`: checkpoints,
-    `metrics.jsonl`. Raises `TrainingError` (or its subclasses `CheckpointMismatchError`,
+    `metrics.jsonl`; `tracking` names TensorBoard, W&B and MLflow destinations. Raises `TrainingError` (or its subclasses `CheckpointMismatchError`,
     `DivergedError`) for problems a retry cannot fix."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -98,7 +100,7 @@ def run_training(
     fs, path = storage.pyarrow_filesystem(storage_uri)
     loop = LoopConfig(
         train=train, model_uri=model_uri, output_uri=output_uri, run_uri=run_uri,
-        reader=plan.reader, total_steps=total_steps, extra_metrics_uri=extra_metrics_uri,
+        reader=plan.reader, total_steps=total_steps, extra_metrics_uri=extra_metrics_uri, tracking=tracking,
     )
     trainer = TorchTrainer(
         logs.in_workers(train_loop_per_worker),
