@@ -1,8 +1,9 @@
-"""The `elo-ray` command line: run, validate, status, demo.
+"""The `elo-ray` command line: run, validate, status, report, demo.
 
     elo-ray run jobs/demo.yaml --run-id 'ko-{date}' --set pretrain.train.lr=1e-5
     elo-ray validate jobs/llama3.1-8b-korean.yaml [--cluster cluster/aws-p4d-a100.yaml]
     elo-ray status work/runs/demo [--json]
+    elo-ray report work/runs/demo        # PNG plots and a markdown summary in {run}/report/
     elo-ray demo
 
 Exit codes:
@@ -210,6 +211,20 @@ def _lease_state(run_uri: str) -> str:
     return "released" if holder.state == "released" else f"held by {holder.describe()}"
 
 
+def cmd_report(args) -> int:
+    from elo_ray.report import ReportError, write_report
+
+    try:
+        out = write_report(args.run_uri, args.out)
+    except ReportError as e:
+        _print_problems("no report:", [str(e)])
+        return EXIT_INVALID
+    from elo_ray import storage
+
+    print(f"report: {storage.join(out, 'README.md')}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     spec_path = str(resources.files("elo_ray") / DEMO_SPEC)
     overrides = [f"storage.root={os.path.abspath(os.path.join(args.workdir, 'runs'))}", *args.set]
@@ -257,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_uri", help="{storage.root}/{run_id}")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)
+
+    p = sub.add_parser("report", help="PNG plots (loss, perplexity, task scores) and a markdown summary of a run")
+    p.add_argument("run_uri", help="{storage.root}/{run_id}")
+    p.add_argument("--out", help="where to write them (default {run}/report)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="the whole pipeline on the embedded default (tiny model, bundled corpus)")
     p.add_argument("--workdir", default="work/demo", help="where the demo keeps its runs (default work/demo)")

@@ -35,11 +35,43 @@ def perplexity(model, heldout: dict[str, list[list[int]]], max_len: int, device:
     return out
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    """A markdown table: one row per model, one perplexity column per language."""
-    langs = sorted({lang for r in rows.values() for lang in r})
-    lines = ["| model | " + " | ".join(f"ppl {lang}" for lang in langs) + " |",
-             "|---|" + "---:|" * len(langs)]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[lang]:.2f}" if lang in r else "-" for lang in langs) + " |")
+RESULTS_FILE = "results.json"  # {model: {"perplexity": {lang: ppl}, "tasks": {task: {metric: value}}}}
+PRIMARY_METRICS = ("acc", "exact_match", "f1", "mcc", "bleu")  # the column a task gets in the table
+
+
+def primary_metric(metrics: dict[str, float]) -> str | None:
+    """The metric a task is shown by: the first of PRIMARY_METRICS it has, else its first one."""
+    names = [k for k in metrics if not k.endswith("_stderr")]
+    return next((m for m in PRIMARY_METRICS if m in names), names[0] if names else None)
+
+
+def task_columns(results: dict[str, dict]) -> list[tuple[str, str]]:
+    """(task, metric) columns of a results table, tasks in the order first seen."""
+    columns: dict[str, str] = {}
+    for row in results.values():
+        for task, metrics in row.get("tasks", {}).items():
+            metric = primary_metric(metrics)
+            if task not in columns and metric is not None:
+                columns[task] = metric
+    return list(columns.items())
+
+
+def task_score(row: dict, task: str, metric: str) -> float | None:
+    return row.get("tasks", {}).get(task, {}).get(metric)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A markdown table: one row per model; a perplexity column per language, then a score
+    column per task (its primary metric)."""
+    langs = sorted({lang for r in results.values() for lang in r.get("perplexity", {})})
+    tasks = task_columns(results)
+    header = [f"ppl {lang}" for lang in langs] + [f"{metric} {task}" for task, metric in tasks]
+    lines = ["| model | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
+    for name, r in results.items():
+        ppl = r.get("perplexity", {})
+        cells = [f"{ppl[lang]:.2f}" if lang in ppl else "-" for lang in langs]
+        for task, metric in tasks:
+            v = task_score(r, task, metric)
+            cells.append("-" if v is None else f"{v:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

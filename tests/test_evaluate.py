@@ -32,10 +32,24 @@ def test_long_documents_are_scored_in_windows_covering_every_token():
 
 
 def test_table_has_a_row_per_model_and_a_column_per_language():
-    table = format_table({"base": {"en": 10.0, "ko": 50.25}, "align": {"en": 11.5}})
+    table = format_table({"base": {"perplexity": {"en": 10.0, "ko": 50.25}}, "align": {"perplexity": {"en": 11.5}}})
     assert table.splitlines() == [
         "| model | ppl en | ppl ko |",
         "|---|---:|---:|",
         "| base | 10.00 | 50.25 |",
         "| align | 11.50 | - |",
+    ]
+
+
+def test_table_shows_each_task_by_its_primary_metric_beside_perplexity():
+    results = {
+        "base": {"perplexity": {"en": 10.0}, "tasks": {"kobest_copa": {"acc": 0.5, "acc_stderr": 0.02, "f1": 0.4},
+                                                        "ja_leaderboard_jsquad": {"exact_match": 0.125}}},
+        "align": {"perplexity": {"en": 9.5}, "tasks": {"kobest_copa": {"acc": 0.625, "acc_stderr": 0.02, "f1": 0.6}}},
+    }
+    assert format_table(results).splitlines() == [
+        "| model | ppl en | acc kobest_copa | exact_match ja_leaderboard_jsquad |",
+        "|---|---:|---:|---:|",
+        "| base | 10.00 | 0.500 | 0.125 |",
+        "| align | 9.50 | 0.625 | - |",
     ]
