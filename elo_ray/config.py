@@ -198,14 +198,26 @@ class ResourcesConfig(Config):
 # --------------------------------------------------------------------------- stages
 
 
-class ModelConfig(Config):
-    """The models the pipeline starts from."""
+def _hub_id_syntax(v: str | None) -> str | None:
+    """A `hf://` location must be a well-formed Hub id (whether it exists is `validate`'s to check)."""
+    from elo_ray import hub
 
-    base: str = Field(description="Base model: HF checkpoint directory or URI (config.json + *.safetensors).")
-    tokenizer: str | None = Field(None, description="Tokenizer location; default: the base model's.")
+    if hub.is_hub(v):
+        hub.parse(v)
+    return v
+
+
+class ModelConfig(Config):
+    """The models the pipeline starts from: a HF checkpoint directory or URI (config.json +
+    *.safetensors), a Hub id `hf://ORG/NAME[@REVISION]`, or `builtin:tiny-llama`."""
+
+    base: str = Field(description="Base model: checkpoint location or hf://ORG/NAME[@REVISION].")
+    tokenizer: str | None = Field(None, description="Tokenizer location or Hub id; default: the base model's.")
     instruct: str | None = Field(
-        None, description="Instruct model of the same base, for the chat vector; unset: SFT only."
+        None, description="Instruct model of the same base (location or Hub id), for the chat vector; unset: SFT only."
     )
+
+    _hub_ids = field_validator("base", "tokenizer", "instruct")(_hub_id_syntax)
 
 
 class PretrainStage(Config):
@@ -214,8 +226,10 @@ class PretrainStage(Config):
     enabled: bool = True
     layers: list[int] = Field([0, -1], description="Decoder layers to detach (paper: first and last).")
     init_from: str | None = Field(
-        None, description="Warm start: an earlier run's ELO checkpoint instead of the base model's layers."
+        None, description="Warm start: an earlier run's ELO checkpoint (location or Hub id) instead of the base model's layers."
     )
+
+    _hub_ids = field_validator("init_from")(_hub_id_syntax)
     data: DataConfig
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(method="elo"))
 

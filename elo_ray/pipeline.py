@@ -199,6 +199,7 @@ def _run_stages(run: Run, asked: list[str], stage_fns: dict[str, StageFn]) -> di
     """Skip or run each enabled stage in order; the manifests committed."""
     spec = run.spec
     done: dict[str, manifest.Manifest] = {}
+    resolved: Run | None = None  # the run with names made locations, once, when a stage first runs
     for stage in stage_table.enabled(spec):
         uri = run.stage_uri(stage)
         inputs = {}
@@ -227,7 +228,14 @@ def _run_stages(run: Run, asked: list[str], stage_fns: dict[str, StageFn]) -> di
         if current is not None:
             log.info(f"{stage}: settings or inputs changed since {current.finished_at}; rerunning")
             manifest.retract(uri)
-        ctx = StageContext(run=run, stage=stage, config_hash=chash, inputs=inputs)
+        if resolved is None:
+            from elo_ray import hub, locations
+
+            try:
+                resolved = Run(locations.resolve(spec, run.uri), run.run_id)
+            except hub.HubError as e:
+                raise PipelineError(str(e)) from e
+        ctx = StageContext(run=resolved, stage=stage, config_hash=chash, inputs=inputs)
         try:
             done[stage] = _run_stage(ctx, stage_fns[stage])
         except Exception as e:

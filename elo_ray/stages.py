@@ -15,7 +15,7 @@ import os
 
 import ray
 
-from elo_ray import builtin, data, evaluate, local_ray, log_relay, logs, stage_table, storage, surgery
+from elo_ray import data, evaluate, local_ray, log_relay, logs, stage_table, storage, surgery
 from elo_ray.config import TrainConfig
 from elo_ray.pipeline import StageContext, StageResult
 from elo_ray.train import run_training
@@ -62,18 +62,18 @@ def _on_ray(fn):
 
 
 def base_model(ctx: StageContext) -> str:
-    return builtin.resolve(ctx.spec.model.base, ctx.spec.storage.root)
+    return ctx.spec.model.base  # a location: the pipeline resolved names before the first stage
 
 
 def tokenizer_uri(ctx: StageContext) -> str:
-    spec = ctx.spec
-    return builtin.resolve(stage_table.value_at(spec, stage_table.tokenizer_key(spec)), spec.storage.root)
+    spec = ctx.spec  # resolved: model.tokenizer is set (the base model's location when unset)
+    return stage_table.value_at(spec, stage_table.tokenizer_key(spec))
 
 
 def stage_data(ctx: StageContext):
-    """The stage's data (as the stage table says), with `builtin:` sources resolved."""
+    """The stage's data, as the stage table says (its sources are locations: the spec is resolved)."""
     _, cfg = stage_table.TABLE[ctx.stage].data(ctx.spec)
-    return builtin.resolve_sources(cfg, ctx.spec.storage.root)
+    return cfg
 
 
 def stage_train(ctx: StageContext) -> TrainConfig:
@@ -118,7 +118,7 @@ def pretrain(ctx: StageContext) -> StageResult:
     """Detach the chosen layers (or warm-start from an earlier ELO model) and train them."""
     cfg = ctx.spec.pretrain
     if cfg.init_from:
-        model_uri = builtin.resolve(cfg.init_from, ctx.spec.storage.root)
+        model_uri = cfg.init_from
         log.info(f"pretrain: warm start from {model_uri}")
     else:
         model_uri = storage.join(ctx.uri, "work", "init")
@@ -155,7 +155,7 @@ def instruct(ctx: StageContext) -> StageResult:
         out = storage.join(ctx.uri, "model" if not cfg.sft_enabled else "work/chat_vector")
         log.info(f"instruct: adding the chat vector {spec.model.instruct} - {base_model(ctx)}")
         _remote(
-            surgery.chat_vector, model_uri, base_model(ctx), builtin.resolve(spec.model.instruct, spec.storage.root),
+            surgery.chat_vector, model_uri, base_model(ctx), spec.model.instruct,
             out, scale=cfg.chat_vector.scale, skip=tuple(cfg.chat_vector.skip), overwrite=True,
         )
         model_uri = out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from elo_ray import builtin, stage_table, storage
+from elo_ray import builtin, locations, stage_table, storage
 from elo_ray.config import JobSpec
 
 
@@ -43,8 +43,7 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
 
     problems: list[str] = []
     try:
-        base = builtin.resolve(spec.model.base, spec.storage.root)
-        config = surgery.check_checkpoint(base)
+        _, config = locations.checked_model(spec.model.base, spec.storage.root)
     except Exception as e:
         return [f"model.base: {e}"], None
     if spec.pretrain.enabled:
@@ -62,7 +61,7 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
         if uri is None:
             continue
         try:
-            uri = builtin.resolve(uri, spec.storage.root)
+            uri = locations.for_checks(uri, spec.storage.root)
             if key == "tokenizer":
                 from elo_ray.data.tokens import load_tokenizer
 
@@ -95,8 +94,8 @@ def check_warm_start(spec: JobSpec, layers: tuple[int, ...]) -> list[str]:
     """pretrain.init_from must be an ELO model of these very layers of this base model."""
     from elo_ray import surgery
 
-    uri = builtin.resolve(spec.pretrain.init_from, spec.storage.root)
     try:
+        uri = locations.for_checks(spec.pretrain.init_from, spec.storage.root)
         elo = surgery.checkpoint_config(uri)
     except Exception as e:
         return [f"pretrain.init_from: {e}"]
