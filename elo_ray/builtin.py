@@ -1,6 +1,8 @@
 """`builtin:` locations: what ships inside elo-ray, so the demo needs no downloads.
 
 - `builtin:corpus/<file>`: a file of the bundled bilingual corpus (`elo_ray/corpus/`).
+- `builtin:tasks`: the bundled lm-evaluation-harness tasks (`elo_ray/tasks/`: elo_mc_en,
+  elo_mc_ko, a bilingual multiple-choice set), for `eval.task_dirs`.
 - `builtin:tiny-llama`: a small Llama built from a config with a fixed seed, with a tokenizer
   trained on the bundled corpus, then briefly pretrained on the bundled English documents so
   that, like the models users adapt, it knows English and not the target language. It is
@@ -17,6 +19,7 @@ from elo_ray import storage
 
 PREFIX = "builtin:"
 CORPUS_DIR = Path(__file__).parent / "corpus"
+TASKS_DIR = Path(__file__).parent / "tasks"
 MODELS = ("tiny-llama",)
 BUILT_MARKER = ".built"  # written last: a model without it was interrupted and is rebuilt
 
@@ -36,12 +39,14 @@ def resolve(uri: str, storage_root: str) -> str:
             known = ", ".join(sorted(p.name for p in CORPUS_DIR.glob("*.jsonl")))
             raise ValueError(f"{uri}: no such bundled corpus file; bundled: {known}")
         return str(path)
+    if name == "tasks":
+        return str(TASKS_DIR)
     if name in MODELS:
         out = storage.join(storage_root, "_builtin", name)
         if not storage.exists(storage.join(out, BUILT_MARKER)):
             _build_tiny_llama(out)
         return out
-    raise ValueError(f"{uri}: unknown builtin; use builtin:corpus/<file> or one of {MODELS}")
+    raise ValueError(f"{uri}: unknown builtin; use builtin:corpus/<file>, builtin:tasks or one of {MODELS}")
 
 
 def resolve_sources(cfg, storage_root: str):

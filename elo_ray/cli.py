@@ -228,6 +228,11 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     spec_path = str(resources.files("elo_ray") / DEMO_SPEC)
     overrides = [f"storage.root={os.path.abspath(os.path.join(args.workdir, 'runs'))}", *args.set]
+    from elo_ray import harness
+
+    if not harness.installed():  # the demo still runs; it says how to see task accuracy too
+        print(f"note: lm-evaluation-harness is not installed, so the demo scores perplexity only; {harness.EXTRA_HINT}")
+        overrides.append("eval.tasks=[]")
     return cmd_run(argparse.Namespace(**{**vars(args), "spec": spec_path, "set": overrides, "stages": None}))
 
 

@@ -317,10 +317,24 @@ class InstructStage(_WholeModelStage):
 
 
 class EvalStage(Config):
-    """Stage 5: held-out perplexity per language for the base model and each stage's output."""
+    """Stage 5: held-out perplexity per language, and lm-evaluation-harness tasks, for the base
+    model and each stage's output, in one table per run."""
 
     enabled: bool = True
     max_docs: int = Field(64, gt=0, description="Held-out documents per language to score.")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks or groups to score every model on (extra: elo-ray[eval]), "
+        "e.g. [kobest_copa, kmmlu]; names from eval.task_dirs or lm-eval's own tasks.",
+    )
+    task_dirs: list[str] = Field(
+        default_factory=list,
+        description="Directories (local, s3://, gs://, builtin:tasks) of lm-eval task YAMLs with their data; "
+        "data_files paths in them are relative to the directory, so no dataset hub is needed.",
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per task; unset: each task's default.")
+    limit: int | None = Field(None, gt=0, description="Score at most this many documents per task (a quick look).")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass when scoring tasks.")
 
 
 class StorageConfig(Config):

@@ -1,5 +1,6 @@
-"""Held-out perplexity per language: the user's evidence that the target language improved
-and English held.
+"""The eval stage's measurements: held-out perplexity per language (the user's evidence that
+the target language improved and English held) and downstream task scores (`harness.py`),
+for the base model and each stage's output, in one table per run.
 
 Each held-out document (token ids, EOS-terminated) is scored in windows of the model's
 context; perplexity is exp(total NLL / predicted tokens) over all documents of a language.
@@ -8,8 +9,11 @@ context; perplexity is exp(total NLL / predicted tokens) over all documents of a
 from __future__ import annotations
 
 import math
+import tempfile
 
 import torch
+
+from elo_ray import storage
 
 
 @torch.no_grad()
@@ -33,6 +37,39 @@ def perplexity(model, heldout: dict[str, list[list[int]]], max_len: int, device:
             raise ValueError(f"held-out set for {lang!r} has no tokens to score")
         out[lang] = math.exp(nll / count)
     return out
+
+
+def score_models(models: dict[str, str], heldout: dict[str, list[list[int]]], tokenizer_uri: str, cfg,
+                 use_gpu: bool) -> dict[str, dict]:
+    """{model: {"perplexity": {lang: ppl}, "tasks": {task: {metric: value}}}} for each model
+    location in `models`, loaded once each; `cfg` is the spec's EvalStage. Runs where it is
+    called (the eval stage's Ray task: on a GPU when the spec uses GPUs)."""
+    import transformers
+
+    from elo_ray import harness
+
+    device = "cuda" if use_gpu else "cpu"
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="elo-ray-eval-") as tmp:
+        plan = tokenizer = None
+        if cfg.tasks:
+            from elo_ray.data.tokens import load_tokenizer
+
+            harness.require()
+            plan = harness.plan_tasks(cfg.tasks, harness.local_task_dirs(cfg.task_dirs, f"{tmp}/tasks"))
+            tokenizer = load_tokenizer(tokenizer_uri)
+        for name, uri in models.items():
+            with tempfile.TemporaryDirectory(dir=tmp) as model_dir:
+                local = uri if not storage.has_scheme(uri) else storage.download(uri, model_dir)
+                model = transformers.AutoModelForCausalLM.from_pretrained(local)
+            max_len = min(1024, model.config.max_position_embeddings)
+            row = {"perplexity": perplexity(model, heldout, max_len=max_len, device=device), "tasks": {}}
+            if plan is not None:
+                row["tasks"] = harness.run_tasks(model, tokenizer, plan, device=device, batch_size=cfg.batch_size,
+                                                 num_fewshot=cfg.num_fewshot, limit=cfg.limit)
+            results[name] = row
+            del model
+    return results
 
 
 RESULTS_FILE = "results.json"  # {model: {"perplexity": {lang: ppl}, "tasks": {task: {metric: value}}}}

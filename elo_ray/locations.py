@@ -77,6 +77,7 @@ def resolve(spec: JobSpec, run_uri: str) -> JobSpec:
         cfg = _get(out, key)
         if cfg is not None:
             _set(out, key, builtin.resolve_sources(cfg, root))
+    out.eval.task_dirs = [builtin.resolve(d, root) for d in out.eval.task_dirs]
     if resolved != pins:
         storage.write_text(pins_uri, json.dumps(resolved, indent=2))
     return out

@@ -166,37 +166,26 @@ def instruct(ctx: StageContext) -> StageResult:
     return _train(ctx, model_uri, stage_train(ctx), plan, data_cfg.seq_len)
 
 
-def _perplexities(models: dict[str, str], heldout: dict[str, list[list[int]]], use_gpu: bool) -> dict[str, dict[str, float]]:
-    import tempfile
-
-    import transformers
-
-    device = "cuda" if use_gpu else "cpu"
-    rows = {}
-    for name, uri in models.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            local = uri if not storage.has_scheme(uri) else storage.download(uri, tmp)
-            model = transformers.AutoModelForCausalLM.from_pretrained(local)
-        max_len = min(1024, model.config.max_position_embeddings)
-        rows[name] = evaluate.perplexity(model, heldout, max_len=max_len, device=device)
-    return rows
-
-
 @_on_ray
 def eval(ctx: StageContext) -> StageResult:  # noqa: A001 - the stage is called eval
-    """Held-out perplexity per language for the base model and each stage's output."""
+    """Held-out perplexity per language and the spec's eval.tasks, for the base model and each
+    stage's output: one table (results.md), results.json, and perplexity.json."""
     spec = ctx.spec
     heldout = data.heldout(stage_data(ctx), tokenizer_uri(ctx))  # the pretrain data's held-out documents
     heldout = {lang: docs[: spec.eval.max_docs] for lang, docs in heldout.items()}
     models = {"base": base_model(ctx), **{name: m.uris["model"] for name, m in ctx.inputs.items()}}
-    task = ray.remote(num_cpus=1, num_gpus=1 if spec.resources.use_gpu else 0)(logs.in_workers(_perplexities))
-    rows = ray.get(task.remote(models, heldout, spec.resources.use_gpu))
-    table = evaluate.format_table(rows)
-    storage.write_text(storage.join(ctx.uri, "perplexity.json"), json.dumps(rows, indent=2))
-    storage.write_text(storage.join(ctx.uri, "perplexity.md"), table + "\n")
+    task = ray.remote(num_cpus=1, num_gpus=1 if spec.resources.use_gpu else 0)(logs.in_workers(evaluate.score_models))
+    results = ray.get(task.remote(models, heldout, tokenizer_uri(ctx), spec.eval, spec.resources.use_gpu))
+    perplexities = {name: r["perplexity"] for name, r in results.items()}
+    table = evaluate.format_table(results)
+    storage.write_text(storage.join(ctx.uri, "perplexity.json"), json.dumps(perplexities, indent=2))
+    storage.write_text(storage.join(ctx.uri, evaluate.RESULTS_FILE), json.dumps(results, indent=2))
+    storage.write_text(storage.join(ctx.uri, "results.md"), table + "\n")
     # The table itself ends `elo-ray run`'s output (cli.cmd_run), once.
-    log.info(f"eval: held-out perplexity (lower is better) of {', '.join(rows)} in {storage.join(ctx.uri, 'perplexity.md')}")
-    return StageResult(uris={"table": storage.join(ctx.uri, "perplexity.md")}, metrics={"perplexity": rows})
+    log.info("eval: held-out perplexity (lower is better)" + (" and task scores (higher is better)" if spec.eval.tasks else "")
+             + f" of {', '.join(results)} in {storage.join(ctx.uri, 'results.md')}")
+    metrics = {"perplexity": perplexities, "tasks": {name: r["tasks"] for name, r in results.items() if r["tasks"]}}
+    return StageResult(uris={"table": storage.join(ctx.uri, "results.md")}, metrics=metrics)
 
 
 STAGES = {"pretrain": pretrain, "merge": merge, "align": align, "instruct": instruct, "eval": eval}

@@ -147,6 +147,21 @@ def check_data(spec: JobSpec, config=None) -> list[str]:
     return problems
 
 
+def check_ecosystem(spec: JobSpec) -> list[str]:
+    """eval.tasks (extra installed, every task found) and tracking backends (extras installed)."""
+    from elo_ray import harness
+    from elo_ray.train.metric_logging import missing_backends
+
+    problems = missing_backends(wandb=spec.tracking.wandb is not None, mlflow=spec.tracking.mlflow is not None)
+    if spec.eval.enabled and spec.eval.tasks:
+        try:
+            task_dirs = [builtin.resolve(d, spec.storage.root) for d in spec.eval.task_dirs]
+        except ValueError as e:
+            return problems + [f"eval.task_dirs: {e}"]
+        problems += harness.check(spec.eval.tasks, task_dirs)
+    return problems
+
+
 def validate(spec: JobSpec, cluster: str | None = None) -> Report:
     """Every check; with `cluster` (a Ray cluster file), also the spec's resources against what the
     cluster offers, and memory against the cluster's GPU instead of resources.gpu_type."""
@@ -160,6 +175,7 @@ def validate(spec: JobSpec, cluster: str | None = None) -> Report:
     layer_problems = check_trained_layers(spec, config) if config is not None else []
     report.problems += layer_problems
     report.problems += check_data(spec, config)
+    report.problems += check_ecosystem(spec)
     if cluster is not None:
         from elo_ray.clusters import check_cluster
 
