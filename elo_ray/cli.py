@@ -221,7 +221,8 @@ def cmd_report(args) -> int:
         return EXIT_INVALID
     from elo_ray import storage
 
-    print(f"report: {storage.join(out, 'README.md')}")
+    plots = [n for n in storage.listdir(out) if n.endswith(".png")]
+    print(f"report: {storage.join(out, 'README.md')}" + (f" with {', '.join(plots)} beside it" if plots else ""))
     return 0
 
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import posixpath
 
 from elo_ray import builtin, hub, storage
 from elo_ray.config import JobSpec
-from elo_ray.pipeline import log
+
+log = logging.getLogger(__name__)
 
 RESOLVED_FILE = "resolved.json"
 HUB_DIR = "_hub"
@@ -68,7 +70,7 @@ def resolve(spec: JobSpec, run_uri: str) -> JobSpec:
             tokenizer_only = key == "model.tokenizer" and name != spec.model.base
             location, commit = materialize(name, root, pinned, tokenizer_only=tokenizer_only)
             resolved[key] = {"name": name, "commit": commit, "location": location}
-            log(f"{key}: {name} is commit {commit}" + (" (pinned for this run)" if pinned else "") + f", at {location}")
+            log.info(f"{key}: {name} is commit {commit}" + (" (pinned for this run)" if pinned else "") + f", at {location}")
         else:
             location = builtin.resolve(name, root)
             resolved[key] = {"name": name, "location": location}

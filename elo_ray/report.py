@@ -12,6 +12,7 @@ Plots are drawn with matplotlib's object API (no pyplot state, no display needed
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
@@ -158,10 +159,8 @@ def markdown(run_uri: str, run_id: str, manifests, curves, results) -> str:
 def write_report(run_uri: str, out_uri: str | None = None) -> str:
     """Write the plots and README.md of the run at `run_uri` into `out_uri` (default
     `{run}/report`); returns `out_uri`."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise ReportError("elo-ray report draws with matplotlib: pip install 'elo-ray[report]'") from None
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ReportError("elo-ray report draws with matplotlib: pip install 'elo-ray[report]'")
     run_uri = run_uri.rstrip("/")
     out_uri = out_uri or storage.join(run_uri, REPORT_DIR)
     run_id = run_uri.rsplit("/", 1)[-1]

@@ -19,9 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from elo_ray import manifest, pipeline, storage
+from elo_ray import manifest, pipeline, report, storage
 from elo_ray.config import load_spec
 from elo_ray.stages import STAGES
+from elo_ray.train import metric_logging
+from tfevents import scalars
 
 DEMO = str(resources.files("elo_ray") / "demo.yaml")
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +31,7 @@ ELO_RAY = str(Path(sys.executable).parent / "elo-ray")
 # The demo spec, shrunk to a few steps per training stage.
 SMALL = [
     "pretrain.train.max_steps=4", "pretrain.train.checkpoint_every=2", "pretrain.train.log_every=2",
-    "align.train.max_steps=2", "instruct.train.max_steps=2", "eval.max_docs=4",
+    "align.train.max_steps=2", "instruct.train.max_steps=2", "eval.max_docs=4", "eval.limit=8",
 ]
 
 
@@ -84,6 +86,30 @@ def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, de
     ppl = json.loads(storage.read_text(f"{run}/eval/perplexity.json"))
     assert list(ppl) == ["base", "merge", "align", "instruct"]
     assert all(math.isfinite(v) and v > 1 for row in ppl.values() for v in row.values())
+    results = json.loads(storage.read_text(f"{run}/eval/results.json"))  # perplexity and task scores, one table
+    assert {name: r["perplexity"] for name, r in results.items()} == ppl
+    for r in results.values():
+        assert sorted(r["tasks"]) == ["elo_mc_en", "elo_mc_ko"]
+        assert all(r["tasks"][t]["acc"] * 8 in range(9) for t in r["tasks"])  # 8 questions each (eval.limit)
+
+    # every training stage's TensorBoard events, uploaded to S3, hold its metrics.jsonl numbers
+    for stage in ("pretrain", "align", "instruct"):
+        records = [json.loads(line) for line in storage.read_text(done[stage].uris["metrics"]).splitlines()]
+        logged = scalars(f"{run}/{stage}/tensorboard")
+        want = {}
+        for r in records:
+            for key, value in metric_logging.scalars(r).items():
+                want.setdefault(key, {})[r["step"]] = value
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "peak_memory_gb", "tokens_en", "tokens_ko"} <= set(want)
+        assert set(logged) == set(want), stage
+        for key, steps in want.items():
+            assert logged[key].keys() == steps.keys(), (stage, key)
+            assert all(math.isclose(logged[key][s], v, rel_tol=1e-6) for s, v in steps.items()), (stage, key)
+
+    out = report.write_report(run)
+    assert storage.read_bytes(f"{out}/loss.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    page = storage.read_text(f"{out}/README.md")
+    assert all(f"| {stage} |" in page for stage in done)
 
     caplog.clear()
     caplog.set_level(logging.INFO, logger="elo_ray")

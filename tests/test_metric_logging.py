@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
-
 from elo_ray import storage
 from elo_ray.config import TrackingConfig
 from elo_ray.train import metric_logging

@@ -80,7 +80,7 @@ def test_report_on_s3(run, s3_bucket, tmp_path):
 
 def test_report_command_names_where_it_wrote(run, capsys):
     assert cli.main(["report", run]) == 0
-    assert capsys.readouterr().out.strip().endswith(f"{run}/report/README.md")
+    assert capsys.readouterr().out.strip() == f"report: {run}/report/README.md with eval.png, loss.png beside it"
 
 
 def test_report_of_a_directory_without_a_run_says_so(tmp_path, capsys):

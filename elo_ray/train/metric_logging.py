@@ -136,7 +136,7 @@ class WandBLogger:
         )
 
     def log_dict(self, metrics: Mapping[str, Any], step: int) -> None:
-        self.run.log(scalars(metrics), step=step)
+        self.run.log(scalars(metrics), step=step, commit=True)  # one record per step: write it now
 
     def close(self) -> None:
         self.run.finish()
