@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ class TensorBoardLogger:
         self.writer.close()
         if self.remote:
             self.upload()
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class WandBLogger:
