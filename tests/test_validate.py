@@ -227,3 +227,22 @@ def test_cli_checks_the_spec_against_a_cluster_file(workspace, capsys):
 
     assert cli.main(["validate", str(spec), "--cluster", str(workspace / "no-cluster.yaml")]) == 2
     assert f"--cluster {workspace / 'no-cluster.yaml'}: " in capsys.readouterr().err
+
+
+def test_eval_tasks_found_in_task_dirs_and_unknown_ones_named(workspace):
+    pytest.importorskip("lm_eval")
+    tasks = {"eval.tasks": ["elo_mc_en", "elo_mc_ko"], "eval.task_dirs": ["builtin:tasks"]}
+    assert problems(workspace, **tasks) == []
+    # a name in neither place: lm-eval's own index is read (tens of seconds), then the close names offered
+    [line] = problems(workspace, **{**tasks, "eval.tasks": ["elo_mc_kr"]})
+    assert line.startswith("eval.tasks: unknown task(s) 'elo_mc_kr' (did you mean elo_mc_ko")
+    assert line.endswith("neither in eval.task_dirs nor among lm-evaluation-harness's tasks (`lm-eval ls tasks` lists them)")
+
+
+def test_tracking_backend_without_its_package_names_the_extra(workspace, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    assert problems(workspace, **{"tracking.mlflow": {"experiment": "ko"}}) == [
+        "tracking.mlflow: the mlflow package is not installed; pip install 'elo-ray[mlflow]' (or remove tracking.mlflow)"]
