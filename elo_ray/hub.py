@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 
 PREFIX = "hf://"
-CONFIG_NAME = "config.json"
+CONFIG_NAME = "config.json"  # as elo_ray.hf_checkpoint names them (kept here: parsing ids imports nothing heavy)
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_PATTERNS = ("*.safetensors", INDEX_NAME)
 # A repo id as the Hub allows it: an optional owner, a name, of letters, digits, '-', '_', '.'.
@@ -69,7 +69,7 @@ def parse(uri: str) -> HubRef:
 
 def small_patterns() -> list[str]:
     """Config, weight index, tokenizer and generation files: everything but the weights."""
-    from elo_ray.surgery import SIDE_FILES
+    from elo_ray.hf_checkpoint import SIDE_FILES
 
     return [CONFIG_NAME, INDEX_NAME, *SIDE_FILES]
 

@@ -43,7 +43,7 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
 
     problems: list[str] = []
     try:
-        _, config = locations.checked_model(spec.model.base, spec.storage.root)
+        base, config = locations.checked_model(spec.model.base, spec.storage.root)
     except Exception as e:
         return [f"model.base: {e}"], None
     if spec.pretrain.enabled:

@@ -55,7 +55,7 @@ def hub_cache(tmp_path, monkeypatch, tiny_dirs) -> Path:
 
 def spec(root: str, base: str = f"hf://{REPO}", **extra):
     raw = {"storage": {"root": root}, "model": {"base": base, **extra},
-           "pretrain": {"data": {"sources": [{"uri": "builtin:corpus/en.jsonl", "language": "en"}]}}}
+           "pretrain": {"data": {"seq_len": 128, "sources": [{"uri": "builtin:corpus/en.jsonl", "language": "en"}]}}}
     return spec_from_dict(raw)
 
 
