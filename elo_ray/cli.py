@@ -234,7 +234,13 @@ def cmd_demo(args) -> int:
     if not harness.installed():  # the demo still runs; it says how to see task accuracy too
         print(f"note: lm-evaluation-harness is not installed, so the demo scores perplexity only; {harness.EXTRA_HINT}")
         overrides.append("eval.tasks=[]")
-    return cmd_run(argparse.Namespace(**{**vars(args), "spec": spec_path, "set": overrides, "stages": None}))
+    code = cmd_run(argparse.Namespace(**{**vars(args), "spec": spec_path, "set": overrides, "stages": None}))
+    if code == 0:  # the demo ends by saying where its plots and summary are
+        from elo_ray import pipeline
+
+        runs = os.path.abspath(os.path.join(args.workdir, "runs"))
+        code = cmd_report(argparse.Namespace(run_uri=os.path.join(runs, pipeline.resolve_run_id(args.run_id)), out=None))
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
