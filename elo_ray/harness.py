@@ -4,9 +4,9 @@
 `ja_leaderboard_jcommonsenseqa`, ...) or as task YAMLs in `eval.task_dirs` define them.
 Directories in object storage are copied to the eval node first, and each directory's tasks are
 loaded with it as the working directory, so `dataset_kwargs.data_files` paths in its YAMLs are
-relative to it: a task and its JSONL travel together and need no dataset hub. The harness's own
-task index (thousands of YAMLs, tens of seconds to scan) is read only when a name is not found
-in `eval.task_dirs`.
+relative to it: a task and its JSONL travel together and need no dataset hub. Names are looked
+up in `task_names` (seconds); lm-eval's own TaskManager (its full index: a minute or more) is
+built only in the eval stage, and only when a task comes from lm-eval's own tasks.
 
 Each model is scored as loaded for perplexity (one load per model), wrapped in lm-eval's `HFLM`,
 with the run's tokenizer, on the GPU when the spec uses GPUs. Results keep every metric lm-eval
@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from elo_ray import storage
+from elo_ray import storage, task_names
 
 EXTRA_HINT = "pip install 'elo-ray[eval]'"
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics (f1, mcc); means use the closed form
@@ -62,32 +62,30 @@ def local_task_dirs(task_dirs: list[str], into: str) -> list[str]:
 
 @dataclass
 class TaskPlan:
-    """Where each asked task is defined: a local task directory, or lm-eval's own index."""
+    """Where each asked task is defined: a local task directory, or lm-eval's own tasks."""
 
     by_dir: dict[str, list[str]] = field(default_factory=dict)  # local dir -> task names
     builtin: list[str] = field(default_factory=list)  # names from lm-eval's own tasks
     managers: dict[str | None, object] = field(default_factory=dict)  # dir (None: lm-eval's) -> TaskManager
 
 
-def plan_tasks(names: list[str], local_dirs: list[str]) -> TaskPlan:
-    """Find every name in `local_dirs` first, then in lm-eval's index; unknown names are an error."""
-    from lm_eval.tasks import TaskManager
-
+def locate(names: list[str], local_dirs: list[str]) -> TaskPlan:
+    """Find every name in `local_dirs` first, then among lm-eval's own tasks (no TaskManager
+    built); unknown names are an error offering the closest known ones."""
     plan = TaskPlan()
-    for d in local_dirs:
-        plan.managers[d] = TaskManager(include_defaults=False, include_path=d)
+    defined = {d: task_names.defined_in(d) for d in local_dirs}
     for name in names:
-        where = next((d for d in local_dirs if name in plan.managers[d].all_tasks), None)
+        where = next((d for d in local_dirs if name in defined[d]), None)
         if where is not None:
             plan.by_dir.setdefault(where, []).append(name)
         else:
             plan.builtin.append(name)
     if plan.builtin:
-        plan.managers[None] = TaskManager()
-        known = set(plan.managers[None].all_tasks)
+        own = task_names.lm_eval_tasks_dir()
+        known = task_names.defined_in(own) if own and os.path.isdir(own) else frozenset()
         unknown = [n for n in plan.builtin if n not in known]
         if unknown:
-            everything = known.union(*(set(m.all_tasks) for m in plan.managers.values()))
+            everything = known.union(*defined.values())
             hints = []
             for n in unknown:
                 close = difflib.get_close_matches(n, everything, n=3)
@@ -96,6 +94,19 @@ def plan_tasks(names: list[str], local_dirs: list[str]) -> TaskPlan:
                 f"eval.tasks: unknown task(s) {', '.join(hints)}: neither in eval.task_dirs nor among "
                 "lm-evaluation-harness's tasks (`lm-eval ls tasks` lists them)"
             )
+    return plan
+
+
+def plan_tasks(names: list[str], local_dirs: list[str]) -> TaskPlan:
+    """`locate`, then lm-eval's TaskManager for each directory a task comes from (lm-eval's own
+    only when one does), ready to load the tasks."""
+    from lm_eval.tasks import TaskManager
+
+    plan = locate(names, local_dirs)
+    for d in plan.by_dir:
+        plan.managers[d] = TaskManager(include_defaults=False, include_path=d)
+    if plan.builtin:
+        plan.managers[None] = TaskManager()
     return plan
 
 
@@ -155,7 +166,7 @@ def check(names: list[str], task_dirs: list[str]) -> list[str]:
         return [f"eval.tasks: lm-evaluation-harness is not installed; {EXTRA_HINT} (or remove eval.tasks)"]
     with tempfile.TemporaryDirectory(prefix="elo-ray-tasks-") as tmp:
         try:
-            plan_tasks(names, local_task_dirs(task_dirs, tmp))
+            locate(names, local_task_dirs(task_dirs, tmp))
         except (HarnessError, storage.StorageError) as e:
             return [str(e)]
     return []

@@ -130,15 +130,20 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# Sections that decide no stage's result, only where metrics go: a rerun may change them without --set.
+FREE_SECTIONS = ("tracking",)
+
+
 def store_spec(run: Run, overridden: bool) -> None:
-    """Keep the resolved spec once per run; refuse a different spec under the same run id."""
+    """Keep the resolved spec once per run; refuse a different spec under the same run id
+    (unless only FREE_SECTIONS differ)."""
     uri = storage.join(run.uri, "spec.yaml")
     text = spec_to_yaml(run.spec)
     if storage.exists(uri):
         old = yaml.safe_load(storage.read_text(uri))
         new = yaml.safe_load(text)
         diffs = _differing_keys(old, new)
-        if diffs and not overridden:
+        if not overridden and any(d.split(".")[0] not in FREE_SECTIONS for d in diffs):
             raise PipelineError(
                 f"run {run.run_id} at {run.uri} was started with a different spec; differing keys: "
                 f"{', '.join(diffs)}. Use a new --run-id, or change keys with --set to rerun "
@@ -146,7 +151,7 @@ def store_spec(run: Run, overridden: bool) -> None:
             )
         if not diffs:
             return
-        log.info(f"spec changed by --set: {', '.join(diffs)}; changed stages and those after them rerun")
+        log.info(f"spec changed: {', '.join(diffs)}; changed stages and those after them rerun")
     storage.write_text(uri, text)
 
 

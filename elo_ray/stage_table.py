@@ -14,8 +14,9 @@
 "tokenizer" is `model.tokenizer` when it is set, else `model.base` (the model's own).
 A whole-model stage whose `train.method` is layers or lora_layers and whose `train.layers` is
 unset trains the detached layers, `pretrain.layers` (the table's `train` fills them in).
-`resources`, `storage` and `run_id` are read by no stage: moving a run to more GPUs or renaming
-it never invalidates a committed stage.
+`resources`, `storage`, `tracking` and `run_id` are read by no stage: moving a run to more GPUs,
+renaming it or sending its metrics elsewhere never invalidates a committed stage. `eval` reads
+its whole section, so `eval.tasks` and `eval.task_dirs` are in its config hash.
 
 A stage's config hash (pipeline.py) covers exactly the values of the keys it reads and the
 digests of its inputs' manifests, so changing a key reruns the stages that read it and every

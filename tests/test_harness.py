@@ -84,3 +84,44 @@ def test_validate_names_the_extra_when_lm_eval_is_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
     assert harness.check(["kobest_copa"], []) == [
         "eval.tasks: lm-evaluation-harness is not installed; pip install 'elo-ray[eval]' (or remove eval.tasks)"]
+
+
+TASK_FILES = {  # the forms lm-eval's own task YAMLs use to name things
+    "plain/qa.yaml": "task: qa_en  # a comment\ntag:\n  - qa_all\n  - 'qa_en_tag'\ndataset_path: json\n",
+    "plain/qa_ko.yaml": "tag: [qa_all, qa_ko_tag]\ntask: \"qa_ko\"\ndoc_to_text: !function utils.doc_to_text\n",
+    "quoted/_template_yaml": '"tag": "from_template"\n"output_type": "multiple_choice"\n',
+    "quoted/one.yaml": '"include": "_template_yaml"\n"task": "quoted_one"\n"fewshot_split": !!null "null"\n',
+    "quoted/deeper/two.yaml": "include: ../_template_yaml\ntask: quoted_two\ntag: null\n",
+    "groups/g.yaml": "group: my_group\ntask:\n  - qa_en\n  - task: inline_only\n    dataset_path: json\n",
+    "groups/py.yaml": "class: !function utils.MyTask\ntask: py_task\ntag: py_tag\n",
+    "groups/not_a_task.yaml": "tag: lonely_tag\noutput_type: generate_until\n",
+    "groups/a_list.yaml": "- task: listed\n",
+    "__pycache__/hidden.yaml": "task: hidden\n",
+}
+
+
+def test_task_names_are_the_names_lm_evals_task_manager_finds(tmp_path):
+    from lm_eval.tasks import TaskManager
+
+    from elo_ray import task_names
+
+    for rel, text in TASK_FILES.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    expected = {"qa_en", "qa_ko", "qa_all", "qa_en_tag", "qa_ko_tag", "quoted_one", "quoted_two", "from_template",
+                "my_group", "py_task", "py_tag"}
+    assert set(TaskManager(include_defaults=False, include_path=str(tmp_path)).all_tasks) == expected
+    assert task_names.defined_in(tmp_path) == expected
+
+
+def test_unknown_task_is_found_unknown_without_lm_evals_task_manager(monkeypatch):
+    import lm_eval.tasks
+
+    def no_index(*a, **k):
+        raise AssertionError("TaskManager built")
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", no_index)
+    plan = harness.locate(["elo_mc_en", "kobest_copa"], [str(builtin.TASKS_DIR)])
+    assert plan.by_dir == {str(builtin.TASKS_DIR): ["elo_mc_en"]} and plan.builtin == ["kobest_copa"]
+    with pytest.raises(harness.HarnessError, match=r"unknown task\(s\) 'kobest_cpoa' \(did you mean kobest_copa"):
+        harness.locate(["kobest_cpoa"], [])

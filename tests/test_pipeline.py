@@ -126,6 +126,27 @@ def test_same_run_id_with_other_spec_is_refused_naming_keys(tmp_path):
                               Recorder().fns())
 
 
+def test_tracking_change_needs_no_set_and_reruns_nothing(tmp_path):
+    root = str(tmp_path)
+    rec = Recorder()
+    pipeline.run_pipeline(make_spec(root), "r1", rec.fns())
+    rec.calls.clear()
+    pipeline.run_pipeline(make_spec(root, **{"tracking.tensorboard": False, "tracking.mlflow": {"experiment": "ko"}}),
+                          "r1", rec.fns())
+    assert rec.calls == []
+    stored = storage.read_text(storage.join(root, "r1", "spec.yaml"))
+    assert "tensorboard: false" in stored and "experiment: ko" in stored
+
+
+def test_eval_tasks_change_reruns_eval_only(tmp_path):
+    root = str(tmp_path)
+    rec = Recorder()
+    pipeline.run_pipeline(make_spec(root), "r1", rec.fns())
+    rec.calls.clear()
+    pipeline.run_pipeline(make_spec(root, **{"eval.tasks": ["kobest_copa"]}), "r1", rec.fns(), overridden=True)
+    assert rec.calls == ["eval"]
+
+
 def test_status_reports_each_stage(tmp_path, capsys):
     root = str(tmp_path)
     pipeline.run_pipeline(make_spec(root), "r1", Recorder().fns(), stages=["pretrain", "merge"])

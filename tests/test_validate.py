@@ -233,7 +233,7 @@ def test_eval_tasks_found_in_task_dirs_and_unknown_ones_named(workspace):
     pytest.importorskip("lm_eval")
     tasks = {"eval.tasks": ["elo_mc_en", "elo_mc_ko"], "eval.task_dirs": ["builtin:tasks"]}
     assert problems(workspace, **tasks) == []
-    # a name in neither place: lm-eval's own index is read (tens of seconds), then the close names offered
+    # a name in neither place: looked up among lm-eval's own tasks' names, then the close names offered
     [line] = problems(workspace, **{**tasks, "eval.tasks": ["elo_mc_kr"]})
     assert line.startswith("eval.tasks: unknown task(s) 'elo_mc_kr' (did you mean elo_mc_ko")
     assert line.endswith("neither in eval.task_dirs nor among lm-evaluation-harness's tasks (`lm-eval ls tasks` lists them)")
