@@ -19,9 +19,6 @@ import re
 from dataclasses import dataclass
 
 PREFIX = "hf://"
-CONFIG_NAME = "config.json"  # as elo_ray.hf_checkpoint names them (kept here: parsing ids imports nothing heavy)
-INDEX_NAME = "model.safetensors.index.json"
-WEIGHT_PATTERNS = ("*.safetensors", INDEX_NAME)
 # A repo id as the Hub allows it: an optional owner, a name, of letters, digits, '-', '_', '.'.
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -65,18 +62,6 @@ def parse(uri: str) -> HubRef:
     if "@" in body and not revision:
         raise ValueError(f"{uri!r} has an empty revision after '@'; name a branch, tag or commit, or drop the '@'")
     return HubRef(repo_id, revision or "main")
-
-
-def small_patterns() -> list[str]:
-    """Config, weight index, tokenizer and generation files: everything but the weights."""
-    from elo_ray.hf_checkpoint import SIDE_FILES
-
-    return [CONFIG_NAME, INDEX_NAME, *SIDE_FILES]
-
-
-def model_patterns() -> list[str]:
-    """What a model stage reads: the small files and the safetensors weights."""
-    return [*small_patterns(), *WEIGHT_PATTERNS]
 
 
 def download(ref: HubRef, patterns: list[str]) -> str:

@@ -28,7 +28,7 @@ import logging
 import os
 import posixpath
 
-from elo_ray import builtin, hub, storage
+from elo_ray import builtin, hf_checkpoint, hub, storage
 from elo_ray.config import JobSpec
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,30 @@ def resolve(spec: JobSpec, run_uri: str) -> JobSpec:
     return out
 
 
+WEIGHT_PATTERNS = ("*.safetensors", hf_checkpoint.INDEX_NAME)  # what a Hub model's weights are (never *.bin)
+
+
+def small_patterns() -> list[str]:
+    """Config, weight index, tokenizer and generation files of a Hub model: everything but the weights."""
+    return [hf_checkpoint.CONFIG_NAME, hf_checkpoint.INDEX_NAME, *hf_checkpoint.SIDE_FILES]
+
+
+def model_patterns() -> list[str]:
+    """What a model stage reads: the small files and the safetensors weights (never pickle weights)."""
+    return [*small_patterns(), *WEIGHT_PATTERNS]
+
+
 def materialize(name: str, storage_root: str, commit: str | None = None, tokenizer_only: bool = False) -> tuple[str, str]:
     """(location, commit) of the Hub model `name` for a run under `storage_root` (see the module
     docstring); `commit` pins the revision; `tokenizer_only` fetches no weights."""
     ref = hub.parse(name)
     if commit:
         ref = ref.at(commit)
-    patterns = hub.small_patterns() if tokenizer_only else hub.model_patterns()
+    patterns = small_patterns() if tokenizer_only else model_patterns()
     if not storage.has_scheme(storage_root):
         folder = hub.download(ref, patterns)
         return folder, hub.commit_of(folder)
-    small = hub.download(ref, hub.small_patterns())  # names the commit without fetching weights
+    small = hub.download(ref, small_patterns())  # names the commit without fetching weights
     commit = hub.commit_of(small)
     out = storage.join(storage_root, HUB_DIR, ref.cache_name, commit)
     markers = [".complete-model"] if not tokenizer_only else [".complete-model", ".complete-tokenizer"]
@@ -126,7 +139,7 @@ def for_checks(name: str, storage_root: str) -> str:
     """A location `validate` can read `name`'s config and tokenizer at, fetching no weights:
     a Hub model's small files in the local cache, a builtin's built location, else `name`."""
     if hub.is_hub(name):
-        return hub.download(hub.parse(name), hub.small_patterns())
+        return hub.download(hub.parse(name), small_patterns())
     return builtin.resolve(name, storage_root)
 
 
@@ -140,7 +153,7 @@ def check_hub_weights(name: str, folder: str) -> list[str]:
         names = os.listdir(folder)
     else:
         try:
-            listing = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=list(hub.WEIGHT_PATTERNS),
+            listing = snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=list(WEIGHT_PATTERNS),
                                         dry_run=True)
         except Exception as e:
             return [hub._explain(ref, e)]
@@ -154,7 +167,7 @@ def check_hub_weights(name: str, folder: str) -> list[str]:
 
 def has_weight_map(folder: str) -> bool:
     """Whether a local checkpoint folder tells its tensors without the weights (an index), or holds them."""
-    return any(n == hub.INDEX_NAME or n.endswith(".safetensors") for n in os.listdir(folder))
+    return any(n == hf_checkpoint.INDEX_NAME or n.endswith(".safetensors") for n in os.listdir(folder))
 
 
 def checked_model(name: str, storage_root: str):
