@@ -1,18 +1,34 @@
-"""Resume after the cluster changed size, the data plane's part: a stream resumed on another
+"""Resume after the cluster changed size. The data plane's part: a stream resumed on another
 number of workers starts each language after what all old workers trained, within the reader's
-`resume_bound`, on a real Ray Data split (the training side: tests/test_train.py's
-test_run_stopped_on_two_workers_resumes_on_one_to_the_same_weights)."""
+`resume_bound`, on a real Ray Data split. The whole stage, as a user meets it: pretraining
+killed on 2 workers, rerun through the pipeline on 1 (the exact weights of such a resume:
+tests/test_train.py's test_run_stopped_on_two_workers_resumes_on_one_to_the_same_weights)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from elo_ray import manifest, pipeline
+from elo_ray.config import load_spec
 from elo_ray.data import StreamPlan, StreamReader
 from elo_ray.data.documents import StreamKind
+from elo_ray.stages import STAGES
+
+DEMO = str(resources.files("elo_ray") / "demo.yaml")
+REPO = Path(__file__).resolve().parent.parent
+ELO_RAY = str(Path(sys.executable).parent / "elo-ray")
 
 ROWS = {"en": 800, "ko": 2400}  # asked 1:3
 SEQ, BLOCK_ROWS, WINDOW, MICRO = 8, 8, 4, 4
@@ -94,3 +110,70 @@ def test_a_stream_resumed_on_another_world_size_continues_after_what_was_trained
         assert len(repeated) <= bound and len(never) <= bound
         # the ratio holds and the resumed stream ends where the uninterrupted one would have
         assert n - new_world <= len(before[lang]) + len(after[lang]) <= n
+
+
+# --------------------------------------------------------------------------- the whole stage
+
+
+def cli(args: list[str], env_extra: dict) -> subprocess.Popen:
+    return subprocess.Popen([ELO_RAY, *args], cwd=REPO, env={**os.environ, **env_extra}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def registered_checkpoint(ray_dir: Path) -> bool:
+    """Whether Ray Train has registered a checkpoint of the run: its files (checkpoint_*) appear
+    before the controller records them, and a driver killed in between resumes from step 0."""
+    for snapshot in ray_dir.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, json.JSONDecodeError):  # being written
+            pass
+    return False
+
+
+def wait_for_checkpoint(ray_dir: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if registered_checkpoint(ray_dir):
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint registered under {ray_dir} after {timeout}s")
+
+
+def test_pretraining_killed_on_two_workers_completes_on_one_with_the_same_tokens_per_language(
+        ray_local, demo_base, tmp_path):
+    """A spot node lost: the driver is SIGKILLed once pretraining on 2 workers has checkpointed;
+    the rerun with resources.num_workers=1 resumes that checkpoint and trains the rest."""
+    root = tmp_path / "runs"
+    sets = [f"storage.root={root}", f"model.base={demo_base}", "pretrain.data.max_tokens=12288",
+            "pretrain.train.checkpoint_every=2", "pretrain.train.log_every=2"]
+    whole = pipeline.run_pipeline(load_spec(DEMO, sets), "whole", STAGES, stages=["pretrain"], overridden=True)
+    whole = whole["pretrain"].metrics
+
+    args = ["run", "jobs/demo.yaml", "--stages", "pretrain", "--run-id", "resized"]
+    victim = cli([*args, *(a for s in sets for a in ("--set", s))],
+                 {"RAY_ADDRESS": ray_local.get_runtime_context().gcs_address})
+    wait_for_checkpoint(root / "resized" / "pretrain" / "ray", victim)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert manifest.read(str(root / "resized" / "pretrain")) is None
+
+    spec = load_spec(DEMO, [*sets, "resources.num_workers=1"])
+    resized = pipeline.run_pipeline(spec, "resized", STAGES, stages=["pretrain"], overridden=True)["pretrain"].metrics
+
+    [record] = resized["resumed"]
+    assert 2 <= record["from_step"] < whole["step"] == resized["step"] == 12  # 12288 tokens / (8 x 128)
+    assert (record["old_world"], record["new_world"]) == (2, 1)
+    assert (record["micro_batch_size"], record["grad_accum"]) == (4, 2)  # 8 sequences per step, as before
+    assert sum(record["sequences_trained"].values()) == record["from_step"] * 8
+    assert record["max_sequences_repeated_or_skipped"] > 0
+    assert resized["resumed_from_step"] == record["from_step"] and whole["resumed"] == []
+    got, want = resized["data"]["trained_tokens"], whole["data"]["trained_tokens"]
+    print(f"trained tokens: uninterrupted {want} shares {whole['data']['trained_shares']}; "
+          f"resized {got} shares {resized['data']['trained_shares']}; resumed {record}")
+    assert got.keys() == want.keys() == {"en", "ko"}
+    for lang in want:
+        assert abs(got[lang] - want[lang]) <= 0.02 * want[lang]
+        assert abs(resized["data"]["trained_shares"][lang] - whole["data"]["trained_shares"][lang]) <= 0.01
