@@ -9,9 +9,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
-import sys
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -24,10 +21,9 @@ from elo_ray.config import load_spec
 from elo_ray.stages import STAGES
 from elo_ray.train import metric_logging
 from tfevents import scalars
+from drivers import REPO, cli, wait_for_checkpoint
 
 DEMO = str(resources.files("elo_ray") / "demo.yaml")
-REPO = Path(__file__).resolve().parent.parent
-ELO_RAY = str(Path(sys.executable).parent / "elo-ray")
 # The demo spec, shrunk to a few steps per training stage.
 SMALL = [
     "pretrain.train.max_steps=4", "pretrain.train.checkpoint_every=2", "pretrain.train.log_every=2",
@@ -42,12 +38,6 @@ def tensors(uri: str, tmp: Path) -> dict[str, torch.Tensor]:
         if name.endswith(".safetensors"):
             out.update(load_file(os.path.join(local, name)))
     return out
-
-
-def cli(args: list[str], env_extra: dict, **kw) -> subprocess.Popen:
-    env = {**os.environ, **env_extra}
-    return subprocess.Popen([ELO_RAY, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -118,28 +108,6 @@ def test_demo_on_s3_commits_every_stage_and_rerun_skips(ray_local, s3_bucket, de
     assert caplog.text.count("skipped") == 5 and "starting" not in caplog.text
 
 
-def _registered_checkpoint(ray_dir: Path) -> bool:
-    """Whether Ray Train has registered a checkpoint of the run: its files alone (checkpoint_*)
-    appear before the controller records them, and a driver killed in between resumes from 0."""
-    for snapshot in ray_dir.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except (OSError, json.JSONDecodeError):  # being written
-            pass
-    return False
-
-
-def _wait_for_checkpoint(ray_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _registered_checkpoint(ray_dir):
-            return
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint under {ray_dir} after {timeout}s")
-
-
 def test_killed_driver_resumes_pretraining_to_the_same_weights(ray_address, demo_base, tmp_path):
     """SIGKILL the driver once pretraining has checkpointed; the rerun resumes from there and
     ends with the weights of a run that was never interrupted."""
@@ -154,7 +122,7 @@ def test_killed_driver_resumes_pretraining_to_the_same_weights(ray_address, demo
     assert whole.returncode == 0, out
 
     victim = cli([*common, "--run-id", "killed"], env)
-    _wait_for_checkpoint(root / "killed" / "pretrain" / "ray", victim)
+    wait_for_checkpoint(root / "killed" / "pretrain" / "ray", victim)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     assert manifest.read(str(root / "killed" / "pretrain")) is None

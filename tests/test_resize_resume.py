@@ -7,15 +7,10 @@ tests/test_train.py's test_run_stopped_on_two_workers_resumes_on_one_to_the_same
 from __future__ import annotations
 
 import copy
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,10 +20,9 @@ from elo_ray.config import load_spec
 from elo_ray.data import StreamPlan, StreamReader
 from elo_ray.data.documents import StreamKind
 from elo_ray.stages import STAGES
+from drivers import cli, wait_for_checkpoint
 
 DEMO = str(resources.files("elo_ray") / "demo.yaml")
-REPO = Path(__file__).resolve().parent.parent
-ELO_RAY = str(Path(sys.executable).parent / "elo-ray")
 
 ROWS = {"en": 800, "ko": 2400}  # asked 1:3
 SEQ, BLOCK_ROWS, WINDOW, MICRO = 8, 8, 4, 4
@@ -115,33 +109,7 @@ def test_a_stream_resumed_on_another_world_size_continues_after_what_was_trained
 # --------------------------------------------------------------------------- the whole stage
 
 
-def cli(args: list[str], env_extra: dict) -> subprocess.Popen:
-    return subprocess.Popen([ELO_RAY, *args], cwd=REPO, env={**os.environ, **env_extra}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def registered_checkpoint(ray_dir: Path) -> bool:
-    """Whether Ray Train has registered a checkpoint of the run: its files (checkpoint_*) appear
-    before the controller records them, and a driver killed in between resumes from step 0."""
-    for snapshot in ray_dir.glob("*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except (OSError, json.JSONDecodeError):  # being written
-            pass
-    return False
-
-
-def wait_for_checkpoint(ray_dir: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if registered_checkpoint(ray_dir):
-            return
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
-    raise AssertionError(f"no checkpoint registered under {ray_dir} after {timeout}s")
-
-
+@pytest.mark.slow  # three pretraining runs; test_train's resize test proves the resume in one stage run
 def test_pretraining_killed_on_two_workers_completes_on_one_with_the_same_tokens_per_language(
         ray_local, demo_base, tmp_path):
     """A spot node lost: the driver is SIGKILLed once pretraining on 2 workers has checkpointed;
