@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench,report,eval]"
+	$(PY) -m pip install -q -e ".[test,bench,report,eval,search]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -1,13 +1,15 @@
-"""The `elo-ray` command line: run, validate, status, report, demo.
+"""The `elo-ray` command line: run, search, validate, status, report, demo.
 
     elo-ray run jobs/demo.yaml --run-id 'ko-{date}' --set pretrain.train.lr=1e-5
+    elo-ray search jobs/demo.yaml --candidates "0,-1; 0,1; -2,-1"
     elo-ray validate jobs/llama3.1-8b-korean.yaml [--cluster cluster/aws-p4d-a100.yaml]
     elo-ray status work/runs/demo [--json]
     elo-ray report work/runs/demo        # PNG plots and a markdown summary in {run}/report/
     elo-ray demo
 
 Exit codes:
-    0  every asked stage is complete
+    0  every asked stage is complete (search: at least one candidate finished; the failed ones
+       are in the ranking with their errors)
     2  bad input: the spec, its data or models, or the run as asked, is wrong; changing the
        spec, the data or the command fixes it. Before a run: one line per problem, each
        naming the key or URI. During a run: SpecError; PipelineError (a stage's input
@@ -18,8 +20,8 @@ Exit codes:
     1  a failure: the input may be fine but the run did not get through: DivergedError (the
        loss became NaN/inf); StorageError (storage did not answer after retries); LeaseLost
        (another driver took the run over, or the lease could not be refreshed); a Ray worker
-       or task that crashed more often than resources.max_failures allows; an unexpected
-       error (printed with its traceback: a bug to report).
+       or task that crashed more often than resources.max_failures allows; search: no
+       candidate finished; an unexpected error (printed with its traceback: a bug to report).
 A run stops with one last line on stderr, `run stopped: STAGE: message` (`run stopped: message`
 for what goes wrong outside a stage), and no traceback unless `--debug` is given. Errors raised
 inside Ray tasks and Train workers are unwrapped to the project's own error.
@@ -27,6 +29,7 @@ inside Ray tasks and Train workers are unwrapped to the project's own error.
 One driver per run: `run` and `demo` hold the run's lease (lease.py) while they work; a second
 driver on the same run exits 2 naming the holder. A killed driver's lease is taken over at once
 by a rerun on the same host, a silent one after lease.STALE_S; `--force-unlock` takes it now.
+`search` holds the lease of `{run}/search` (elo_ray/search).
 
 Messages go to stdout as `[elo-ray] ...` at INFO; `--verbose` adds DEBUG lines, `--quiet` keeps
 only warnings (run, validate, demo). Problems and warnings about the spec go to stderr.
@@ -108,32 +111,15 @@ def _ray_failures() -> tuple[type[BaseException], ...]:
     return (ray.exceptions.RayError, ray.train.TrainingFailedError)
 
 
-def _cause(error: BaseException) -> BaseException:
-    """The error to show: a stage's own error, out of Ray's wrappers (a task's RayTaskError, a
-    Train worker group's failure)."""
-    import ray.exceptions
-    import ray.train
-
-    from elo_ray.pipeline import StageError
-
-    while True:
-        if isinstance(error, StageError):
-            error = error.error
-        elif isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, Exception):
-            error = error.cause
-        elif isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
-            error = next(iter(error.worker_failures.values()))
-        else:
-            return error
-
-
 def _stopped(error: Exception, debug: bool) -> int:
     """End a run on `error`: the traceback when asked for (or for a bug), then one line."""
     import traceback
 
     from elo_ray.pipeline import StageError
 
-    cause = _cause(error)
+    from elo_ray.stages import root_error
+
+    cause = root_error(error)
     own_failure = isinstance(cause, _own_failures())  # tested first: DivergedError is a TrainingError
     bad_input = not own_failure and isinstance(cause, _bad_input())
     ray_failure = not (own_failure or bad_input) and isinstance(cause, _ray_failures())
@@ -177,6 +163,33 @@ def cmd_run(args) -> int:
         from elo_ray import storage
 
         print("\n" + storage.read_text(done["eval"].uris["table"]))
+    return 0
+
+
+def cmd_search(args) -> int:
+    from elo_ray import pipeline
+    from elo_ray.search import candidates, run_search
+
+    spec = _load(args.spec, args.set)
+    if spec is None or not _validate(spec):
+        return EXIT_INVALID
+    try:
+        given = candidates.parse(args.candidates) if args.candidates is not None else None
+        run_id = pipeline.resolve_run_id(args.run_id or spec.run_id)
+        result = run_search(spec, run_id, given, force_unlock=args.force_unlock)
+    except candidates.CandidateError as e:
+        _print_problems("no search:", [str(e)])
+        return EXIT_INVALID
+    except Exception as e:
+        return _stopped(e, args.debug)
+    print("\n" + result.markdown)
+    for name, uri in result.uris.items():
+        print(f"  {name}: {uri}")
+    best = result.best
+    if best is None:
+        print("search: no candidate finished; see the errors above", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"\nbest: layers {best.layers}; run with\n  {best.set_line}")
     return 0
 
 
@@ -272,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
     with_force_unlock(p)
     with_debug(p)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("search", help="which layers to detach: short ELO runs of candidate layer sets, ranked")
+    with_spec(p)
+    p.add_argument("--run-id", help="run id; the search lives under {storage.root}/{run_id}/search/")
+    p.add_argument("--candidates", metavar="SETS",
+                   help='layer sets separated by ";", e.g. "0,-1; 0,1; -2,-1; 0,15,-1" (default: search.candidates, '
+                        "or sets derived from the model's depth)")
+    with_force_unlock(p)
+    with_debug(p)
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("validate", help="check a spec, its storage, model and data before spending GPUs")
     with_spec(p)

@@ -337,6 +337,34 @@ class EvalStage(Config):
     batch_size: int = Field(8, gt=0, description="Requests per forward pass when scoring tasks.")
 
 
+class SearchConfig(Config):
+    """`elo-ray search`: which layers to detach, found by a short ELO pretraining of each
+    candidate layer set, merged and scored by held-out perplexity (elo_ray/search). No stage
+    reads this section: changing it never invalidates a run's stages."""
+
+    candidates: list[list[int]] | None = Field(
+        None,
+        description="Layer sets to compare, as pretrain.layers takes them; --candidates '0,-1; 0,1' overrides. "
+        "Unset: first + last, the first two, the last two, the middle pair, first + middle + last.",
+    )
+    max_tokens: int = Field(
+        50_000_000, gt=0,
+        description="Tokens of each candidate's ELO pretraining (pretrain.data capped at this budget): the same "
+        "for every candidate, so that they compare at equal cost. About two minutes per candidate for an 8B "
+        "model on 8 GPUs.",
+    )
+    max_concurrent: int | None = Field(
+        None, gt=0,
+        description="Candidates trained at once; unset: as many as the cluster holds at resources.num_workers "
+        "workers each (GPUs / num_workers; on CPUs, leaving one CPU per candidate for its data).",
+    )
+    probe_docs: int = Field(
+        32, ge=0,
+        description="Documents per language for the gradient probe, which trains nothing (the ones after the "
+        "held-out documents); 0 turns the probe off.",
+    )
+
+
 class StorageConfig(Config):
     """Where runs live: `{root}/{run_id}/{stage}/`."""
 
@@ -369,7 +397,7 @@ class TrackingConfig(Config):
 
 
 class JobSpec(Config):
-    """A whole elo-ray job: models, storage, resources and the five stages."""
+    """A whole elo-ray job: models, storage, resources, the five stages and the layer search."""
 
     run_id: str | None = Field(None, description="Default run id; `--run-id` overrides (date templates allowed).")
     storage: StorageConfig
@@ -381,6 +409,7 @@ class JobSpec(Config):
     instruct: InstructStage = Field(default_factory=lambda: InstructStage(enabled=False))
     eval: EvalStage = Field(default_factory=EvalStage)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
 
     @model_validator(mode="after")
     def _stage_inputs(self) -> "JobSpec":

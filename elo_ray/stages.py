@@ -49,6 +49,25 @@ def ensure_ray() -> None:
     log_relay.start()
 
 
+def root_error(error: BaseException) -> BaseException:
+    """The error to show: a stage's own error, out of Ray's wrappers (a task's RayTaskError, a
+    Train worker group's failure). `elo-ray`'s last line and `elo-ray search`'s failed trials."""
+    import ray.exceptions
+    import ray.train
+
+    from elo_ray.pipeline import StageError
+
+    while True:
+        if isinstance(error, StageError):
+            error = error.error
+        elif isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, Exception):
+            error = error.cause
+        elif isinstance(error, ray.train.WorkerGroupError) and error.worker_failures:
+            error = next(iter(error.worker_failures.values()))
+        else:
+            return error
+
+
 def _on_ray(fn):
     @functools.wraps(fn)
     def wrapper(ctx: StageContext) -> StageResult:
