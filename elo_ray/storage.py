@@ -142,15 +142,20 @@ def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object so that readers see either nothing or all of it."""
     fs, path = filesystem(uri)
     if is_local(fs):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(_complete_temp_file(path, data), path)
         return
     retrying("writing", uri, lambda: fs.pipe_file(path, data))
+
+
+def _complete_temp_file(path: str, data: bytes) -> str:
+    """`data` written and synced to a new file beside `path`, ready to be renamed or linked into place."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
 
 
 def write_text(uri: str, text: str) -> None:
@@ -188,12 +193,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
 
 
 def _link_exclusive(path: str, data: bytes) -> bool:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _complete_temp_file(path, data)
     try:
         os.link(tmp, path)
     except FileExistsError:

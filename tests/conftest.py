@@ -87,3 +87,15 @@ def demo_base(tmp_path_factory) -> str:
     from elo_ray import builtin
 
     return builtin.resolve("builtin:tiny-llama", str(tmp_path_factory.mktemp("builtin")))
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """torch.distributed with a single gloo rank, and its device mesh, for one test module."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    store = tmp_path_factory.mktemp("pg") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()

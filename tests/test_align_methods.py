@@ -29,18 +29,6 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """torch.distributed with a single gloo rank, and its device mesh."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
 def six_layers(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("six")
     tiny_model(tiny_config(num_hidden_layers=6), seed=2).save_pretrained(path)

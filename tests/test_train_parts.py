@@ -20,18 +20,6 @@ from elo_ray.train.step import check_batches
 from elo_ray.train.synthetic import RowsReader
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """torch.distributed with a single gloo rank, and its device mesh."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
-
-
 def elo_config(**kw):
     config = tiny_config(num_hidden_layers=2, **kw)
     config.elo_layers = [0, 3]

@@ -180,17 +180,6 @@ def test_chunked_loss_trains_as_the_plain_loss_on_two_ranks(two_rank_runs):
 # --------------------------------------------------------------------------- bf16 copies and export
 
 
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    store = tmp_path_factory.mktemp("pg") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield init_device_mesh("cpu", (1,))
-    dist.destroy_process_group()
-
-
 def test_bf16_run_holds_frozen_params_in_bf16_and_exports_them_as_stored(one_rank, tmp_path):
     config = tiny_config(num_hidden_layers=2, vocab_size=VOCAB)
     config.elo_layers = [0, 3]
