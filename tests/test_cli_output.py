@@ -75,6 +75,7 @@ def test_default_output_is_the_runs_story_with_progress_and_eta(another_ray_on_t
         assert noise not in out, noise
 
 
+@pytest.mark.slow  # a second real run; the default output's test runs in make test
 def test_verbose_brings_back_rays_worker_output_and_the_detail_lines(another_ray_on_the_machine, demo_base, tmp_path):
     out = run(tmp_path, demo_base, "--verbose")
     assert "(RayTrainWorker pid=" in out  # what Ray's workers print, streamed by Ray

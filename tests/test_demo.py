@@ -139,6 +139,7 @@ def test_killed_driver_resumes_pretraining_to_the_same_weights(ray_address, demo
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow  # a third pretraining run of the demo
 def test_warm_start_trains_from_an_earlier_elo_model(ray_local, demo_base, tmp_path):
     """Scheduled retraining: pretraining starts from a previous run's ELO layers, not the base's."""
     from elo_ray import surgery

@@ -76,6 +76,7 @@ def ray_head(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.mark.slow  # the whole demo through `ray job submit` (about 5 minutes on 2 cores); test_demo runs the pipeline
 def test_ray_job_submit_runs_the_demo_spec(ray_head, tmp_path):
     """The demo spec as it ships (its builtin base model built on the cluster), shrunk in steps."""
     address, env = ray_head

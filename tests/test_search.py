@@ -113,6 +113,7 @@ def test_ranking_with_no_finished_candidate(tmp_path):
 
 # --- the demo spec through Ray Tune ----------------------------------------------------------
 
+@pytest.mark.slow  # two trials of three stages each and a rerun (about 4 minutes on 2 cores)
 def test_search_on_the_demo_spec_ranks_and_rerun_reuses(ray_local, demo_base, tmp_path):
     spec = load_spec(DEMO, [f"storage.root={tmp_path}", f"model.base={demo_base}",
                             "search.max_tokens=2048", "search.probe_docs=2",
