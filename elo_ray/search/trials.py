@@ -23,7 +23,6 @@ error and the others go on.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from dataclasses import dataclass
 
@@ -126,7 +125,7 @@ def run_trials(spec: JobSpec, run_id: str, candidates: list[Candidate], max_conc
     k = max_concurrent or spec.search.max_concurrent or concurrent_trials(spec.resources, ray.cluster_resources())
     log.info(f"search: {len(candidates)} candidates, {min(k, len(candidates))} at a time, "
              f"{spec.search.max_tokens:,} tokens each, under {root}")
-    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    before = {c.name: _committed(storage.join(root, c.name)) for c in candidates}
     fs, path = storage.pyarrow_filesystem(storage.join(root, "tune"))
     trainable = tune.with_resources(tune.with_parameters(_trial, specs=specs, run=logs.in_workers(_run_candidate)),
                                     TRIAL_RESOURCES)
@@ -146,13 +145,22 @@ def run_trials(spec: JobSpec, run_id: str, candidates: list[Candidate], max_conc
             errors[name] = f"the trial stopped: {str(result.error).strip().splitlines()[0]}"
         else:
             errors[name] = (result.metrics or {}).get("error") or None
-    return [_outcome(c, storage.join(root, c.name), errors.get(c.name, "the trial did not run"), started)
+    return [_outcome(c, storage.join(root, c.name), errors.get(c.name, "the trial did not run"), before[c.name])
             for c in candidates]
 
 
-def _outcome(candidate: Candidate, run_uri: str, error: str | None, started: str) -> TrialOutcome:
-    manifests = {s: m for s in STAGES if (m := manifest.read(storage.join(run_uri, s))) is not None}
+def _committed(run_uri: str) -> dict[str, manifest.Manifest]:
+    """The trial's stages that have a manifest under `run_uri`."""
+    return {s: m for s in STAGES if (m := manifest.read(storage.join(run_uri, s))) is not None}
+
+
+def _outcome(candidate: Candidate, run_uri: str, error: str | None,
+             before: dict[str, manifest.Manifest]) -> TrialOutcome:
+    manifests = _committed(run_uri)
     if error is None and len(manifests) < len(STAGES):
         error = f"stages {', '.join(s for s in STAGES if s not in manifests)} left no manifest under {run_uri}"
-    reused = error is None and all(m.finished_at < started for m in manifests.values())
-    return TrialOutcome(candidate, manifests, error, reused)
+    # reused: every stage's manifest was there before the trials ran, and is the same one (a
+    # committed time, to the second, cannot tell a rerun in the same second from a reuse)
+    same = {s: (m.digest, m.finished_at) for s, m in manifests.items()} == \
+        {s: (m.digest, m.finished_at) for s, m in before.items()}
+    return TrialOutcome(candidate, manifests, error, error is None and same)
