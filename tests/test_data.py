@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import random
-import threading
 import time
 
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 from elo_ray import data, storage
 from elo_ray.config import ChatDataConfig, DataConfig, SourceConfig
 from elo_ray.data.budget import quotas
+from ranks import each_rank
 
 EN = "The quick brown fox jumps over the lazy dog . A model learns a new language from mixed text".split()
 KO = "빠른 갈색 여우가 게으른 개를 뛰어넘는다 . 모델은 섞인 텍스트로 새로운 언어를 배운다".split()
@@ -45,27 +45,16 @@ def digest(row) -> str:
 def read_ranks(plan, micro_batch_size, skip=0, delays=None):
     """Every rank's batches and totals, the ranks read concurrently as Ray Train workers do."""
     readers = plan.local_readers()
-    out, errors = [None] * len(readers), []
 
-    def run(rank):
-        try:
-            got = []
-            for b in readers[rank].batches(micro_batch_size, skip=skip):
-                got.append(b)
-                if delays:
-                    time.sleep(delays[rank])
-            out[rank] = (got, readers[rank].totals())
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
+    def read(rank):
+        got = []
+        for b in readers[rank].batches(micro_batch_size, skip=skip):
+            got.append(b)
+            if delays:
+                time.sleep(delays[rank])
+        return got, readers[rank].totals()
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(readers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+    return each_rank(len(readers), read)
 
 
 @pytest.fixture(scope="module")

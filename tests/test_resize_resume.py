@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import threading
 from importlib import resources
 
 import numpy as np
@@ -21,6 +20,7 @@ from elo_ray.data import StreamPlan, StreamReader
 from elo_ray.data.documents import StreamKind
 from elo_ray.stages import STAGES
 from drivers import cli, wait_for_checkpoint
+from ranks import each_rank
 
 DEMO = str(resources.files("elo_ray") / "demo.yaml")
 
@@ -55,24 +55,14 @@ def row_plan(world: int) -> StreamPlan:
 def trained_rows(plan: StreamPlan, micro_batches: int | None = None, start: dict | None = None) -> list[list]:
     """Each rank's batches (the first `micro_batches`, or all), the ranks reading concurrently."""
     readers = plan.local_readers()
-    out, errors = [None] * len(readers), []
 
-    def run(rank):
-        try:
-            batches = readers[rank].batches(MICRO, start=start)
-            out[rank] = [b for _, b in zip(range(micro_batches or 10**9), batches)]
-            batches.close()
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
+    def read(rank):
+        batches = readers[rank].batches(MICRO, start=start)
+        got = [b for _, b in zip(range(micro_batches or 10**9), batches)]
+        batches.close()
+        return got
 
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(readers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+    return each_rank(len(readers), read)
 
 
 def row_ids(ranks: list[list]) -> dict[str, list[int]]:
