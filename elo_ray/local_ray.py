@@ -19,13 +19,20 @@ the benchmarks): how it is started, in one place.
   for it ("Timed out waiting for file .../metrics_agent_port_...") and `ray.init` fails with
   "The current node timed out during startup". (The dashboard's own port, 8265, is not an
   issue: Ray tries the next ones when it is taken.)
+- Without its dashboard where Ray is installed without the dashboard's packages (`pip install
+  ray` rather than `ray[default]`, or the offline archive of scripts/offline_archive.py on a GPU
+  host that cannot install): `ray.init(include_dashboard=True)` would raise "Cannot include
+  dashboard with missing packages", so the run starts without it and says so once.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import socket
+
+log = logging.getLogger(__name__)
 
 DASHBOARD_PORT = 8265  # Ray's default, kept when it is free: the address users know
 DASHBOARD_AGENT_PORT = 52365  # Ray 2.60's fixed default, for the record and the tests
@@ -60,15 +67,29 @@ def free_dashboard_agent_port() -> int:
     return port
 
 
+def missing_dashboard_packages() -> str | None:
+    """Why Ray's dashboard cannot start here (the first of its packages that fails to import),
+    or None when it can."""
+    from ray._private.utils import get_dashboard_dependency_error
+
+    error = get_dashboard_dependency_error()
+    return str(error) if error else None
+
+
 def start(*, dashboard: bool = True, **init_kwargs) -> str | None:
     """Start a local Ray of this process's own, its dashboard agent on a free port and, with
     the dashboard, its State API's address in the environment of every Ray process. Returns
     the dashboard's URL (None without one); `init_kwargs` go to `ray.init` (num_cpus,
-    log_to_driver, logging_level, ...)."""
+    log_to_driver, logging_level, ...). A dashboard asked for where its packages are missing
+    is left out, with a warning."""
     import ray
 
     free_dashboard_agent_port()
     url = None
+    if dashboard and (missing := missing_dashboard_packages()):
+        log.warning(f"starting Ray without its dashboard: its packages are not installed here ({missing}); "
+                    "Ray Train will log that its State API is unavailable. pip install 'ray[default]' to have it")
+        dashboard = False
     if dashboard:
         port = DASHBOARD_PORT if _bindable(DASHBOARD_PORT) else free_port()
         url = f"http://127.0.0.1:{port}"

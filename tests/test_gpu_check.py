@@ -27,3 +27,23 @@ def test_goals_compare_engine_with_bare_mfu_and_the_analytic_ratio():
         "ELO/full speed-up / analytic at 1b (bare)": (1.0, True),
         "ELO/full speed-up / analytic at 1b (engine)": (0.9, False),
     }
+
+
+def test_rows_not_begun_by_the_deadline_are_listed_not_run(tmp_path):
+    import torch
+
+    preset = gpu_check.PRESETS["cpu"]
+    seen = []
+    results = gpu_check.run_throughput(tmp_path, preset, torch.device("cpu"), preset["runs"], deadline=0.0,
+                                       on_row=seen.append)
+    assert seen == []  # nothing measured, so nothing reported row by row
+    assert [(r["shape"], r["skipped"], r["rows"]) for r in results] == [
+        ("tiny", ["bare elo", "core elo", "bare full", "core full", "engine elo",
+                  "core+loss=plain+frozen_params=shard elo"], [])]
+
+
+def test_without_liger_pins_the_chunked_loss_where_auto_would_take_liger():
+    runs = [("8b", ["elo"], ["bare", "core", "engine", "core+loss=plain+frozen_params=shard", "core+compile_layers=true"])]
+    assert gpu_check.without_liger(runs) == [("8b", ["elo"], [
+        "bare", "core+loss=chunked", "engine+loss=chunked", "core+loss=plain+frozen_params=shard",
+        "core+compile_layers=true+loss=chunked"])]

@@ -35,3 +35,24 @@ def test_the_next_local_ray_gets_a_free_dashboard_agent_port(ray_param_defaults)
     assert RayParams().dashboard_agent_listen_port == second
     # Only that default changed: every other parameter keeps Ray's.
     assert RayParams().dashboard_port == 8265 and RayParams().include_dashboard is None
+
+
+def test_a_ray_without_the_dashboards_packages_starts_without_it(monkeypatch, ray_param_defaults, caplog):
+    # A minimal Ray (pip install ray, or the offline archive on a GPU host) cannot start the
+    # dashboard: ray.init(include_dashboard=True) raises there. start() leaves it out and says why.
+    import ray
+
+    calls = []
+    monkeypatch.setattr(local_ray, "missing_dashboard_packages", lambda: "No module named 'aiohttp_cors'")
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with caplog.at_level("WARNING", logger="elo_ray.local_ray"):
+        assert local_ray.start(num_cpus=2) is None
+    assert calls == [{"address": "local", "include_dashboard": False, "num_cpus": 2}]
+    assert "RAY_API_SERVER_ADDRESS" not in __import__("os").environ
+    assert "without its dashboard" in caplog.text and "No module named 'aiohttp_cors'" in caplog.text
+
+
+def test_the_dashboards_packages_are_installed_here():
+    # The environment the tests run in has ray[default]: start() keeps the dashboard there.
+    assert local_ray.missing_dashboard_packages() is None
