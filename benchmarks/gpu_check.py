@@ -210,8 +210,9 @@ def run_pipeline(work: Path, out: Path, preset: dict, device: torch.device, time
     began_run = time.perf_counter()
     with open(log_path, "w") as log:
         # Its own process group, so that a run past its time is stopped with the Ray it started.
-        proc = subprocess.Popen([sys.executable, "-m", "elo_ray.cli", "run", str(spec_path)], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
+        # --verbose --debug: Ray's own lines and the traceback, should a stage fail where nobody watches.
+        proc = subprocess.Popen([sys.executable, "-m", "elo_ray.cli", "run", str(spec_path), "--verbose", "--debug"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work, start_new_session=True)
         try:
             code = proc.wait(timeout=max(timeout - built, 1))
         except subprocess.TimeoutExpired:
@@ -229,6 +230,12 @@ def run_pipeline(work: Path, out: Path, preset: dict, device: torch.device, time
         raise RuntimeError(f"elo-ray run {what}; the end of {log_path.name}:\n" + "\n".join(tail))
     return {"base_model": base, "build_seconds": built, "run_seconds": seconds, "loss": loss,
             "stages": check_manifests(str(work / "runs" / "gpu-check"))}
+
+
+def disk_free_gb(path: Path) -> float:
+    import shutil
+
+    return shutil.disk_usage(path).free / 2**30
 
 
 def check_liger(device: torch.device) -> dict:
@@ -309,6 +316,11 @@ def run_throughput(work: Path, preset: dict, device: torch.device, runs: list, d
                     began = time.perf_counter()
                     result = throughput.measure(impl, throughput.SHAPES[shape], method, args, str(work / shape), 0)
                     throughput.merge(entry["rows"], (impl, method), result)
+                    if impl.startswith("engine"):  # its final checkpoint and export (1b full: ~17 GB)
+                        import shutil
+
+                        for done in ("runs", f"out-{method}"):
+                            shutil.rmtree(work / shape / done, ignore_errors=True)
                     entry["seconds"] += time.perf_counter() - began
                     if impl not in entry["impls"]:
                         entry["impls"].append(impl)
@@ -468,6 +480,11 @@ def main(argv=None) -> int:
             except Exception as e:  # reported; the throughput part still runs
                 report["pipeline_error"] = f"{type(e).__name__}: {e}"
                 print(f"pipeline FAILED: {report['pipeline_error']}", flush=True)
+            if not args.workdir:  # its checkpoints (1B with optimizer state: ~13 GB a training stage) go
+                import shutil
+
+                shutil.rmtree(work / "runs", ignore_errors=True)
+            report["disk_free_gb_after_pipeline"] = disk_free_gb(work)
             save()
         if "throughput" not in skip:
             (work / "throughput").mkdir(exist_ok=True)
