@@ -38,7 +38,8 @@ def check_storage(spec: JobSpec) -> list[str]:
 
 
 def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
-    """Base model readable, architecture supported, layers in range, tokenizer matches."""
+    """Base model readable, architecture supported, layers (pretrain.layers, search.candidates) in
+    range, tokenizer matches."""
     from elo_ray import surgery
 
     problems: list[str] = []
@@ -54,6 +55,7 @@ def check_model(spec: JobSpec) -> tuple[list[str], object | None]:
             layers = None
         if spec.pretrain.init_from and layers is not None:
             problems += check_warm_start(spec, layers)
+    problems += check_candidates(spec, config.num_hidden_layers)
     for key in ("tokenizer", "instruct"):
         uri = getattr(spec.model, key)
         if key == "tokenizer":
@@ -104,6 +106,20 @@ def check_warm_start(spec: JobSpec, layers: tuple[int, ...]) -> list[str]:
         return [f"pretrain.init_from: {uri} holds ELO layers {found or 'none'}, the spec detaches {list(layers)}; "
                 "warm-start from a run with the same pretrain.layers (its {root}/{run_id}/pretrain/model)"]
     return []
+
+
+def check_candidates(spec: JobSpec, num_layers: int) -> list[str]:
+    """search.candidates: every layer set is one `elo-ray search` can detach from this base model
+    (checked by the search's own resolve, one problem per bad set)."""
+    from elo_ray.search import candidates
+
+    problems = []
+    for i, layers in enumerate(spec.search.candidates or []):
+        try:
+            candidates.resolve([layers], num_layers)
+        except candidates.CandidateError as e:
+            problems.append(f"search.candidates[{i}]: {e}")
+    return problems
 
 
 def check_trained_layers(spec: JobSpec, config) -> list[str]:

@@ -86,6 +86,21 @@ def test_layers_out_of_range(workspace):
     assert line == "pretrain.layers: layer index 7 is out of range for a model with 4 decoder layers; use 0..3 or -4..-1"
 
 
+def test_search_candidates_checked_against_the_models_depth(workspace):
+    lines = problems(workspace, **{"search.candidates": [[0, -1], [0, 7], [], [1, -3]]})
+    assert lines == [
+        "search.candidates[1]: candidate 0,7: layer index 7 is out of range for a model with 4 decoder layers; "
+        "use 0..3 or -4..-1",
+        "search.candidates[2]: candidate []: layers is empty: name at least one decoder layer to detach, e.g. (0, -1)",
+        "search.candidates[3]: candidate 1,-3: layer 1 is listed twice in layers=(1, -3); list each layer once",
+    ]
+
+
+def test_good_search_candidates_pass(workspace):
+    # 0,-1 and 0,3 are the same set in a 4-layer model: the search runs it once, not a problem
+    assert problems(workspace, **{"search.candidates": [[0, -1], [0, 1], [-2, -1], [0, 3]]}) == []
+
+
 def test_data_source_missing_and_empty(workspace):
     (workspace / "empty").mkdir()
     sources = [{"uri": str(workspace / "missing.jsonl"), "language": "en"},

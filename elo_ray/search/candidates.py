@@ -68,6 +68,6 @@ def resolve(given: list[list[int]], num_layers: int) -> list[Candidate]:
         try:
             resolved = surgery.validate_layers(num_layers, in_order)
         except surgery.SurgeryError as e:
-            raise CandidateError(f"candidate {','.join(map(str, layers))}: {e}") from None
+            raise CandidateError(f"candidate {','.join(map(str, layers)) or '[]'}: {e}") from None
         out.setdefault(resolved, Candidate(tuple(in_order), resolved))
     return list(out.values())
