@@ -189,7 +189,7 @@ def bare_run(shape: dict, method: str, device: torch.device, steps: int, warmup:
         ids = ids.to(device, non_blocking=True)
         targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            logits = model(input_ids=ids).logits
+            logits = model(input_ids=ids, use_cache=False).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
         (loss / (ids.shape[0] * (ids.shape[1] - 1))).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

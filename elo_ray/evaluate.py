@@ -30,7 +30,7 @@ def perplexity(model, heldout: dict[str, list[list[int]]], max_len: int, device:
                     continue
                 ids = torch.tensor([window[:-1]], device=device)
                 labels = torch.tensor([window[1:]], device=device)
-                logits = model(input_ids=ids).logits.float()
+                logits = model(input_ids=ids, use_cache=False).logits.float()
                 nll += torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum").item()
                 count += labels.numel()
         if count == 0:

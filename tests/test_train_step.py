@@ -227,3 +227,15 @@ def test_compiled_layers_keep_parameter_names_and_give_the_same_loss_and_gradien
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=1e-6)
     for got, want in zip(out[True][1], out[False][1]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["plain", "chunked"])
+def test_the_training_forward_builds_no_kv_cache(impl):
+    # A cache made every compiled decoder layer recompile for its layer index on the GPU.
+    model = tiny_model(tiny_config(num_hidden_layers=2, vocab_size=VOCAB))
+    assert model.config.use_cache  # the checkpoint's own setting, kept for inference
+    caches = []
+    model.model.register_forward_hook(lambda module, args, output: caches.append(output.past_key_values))
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
+    loss = loss_lib.summed_loss(model, ids, ids, impl)
+    assert caches == [None] and torch.isfinite(loss)

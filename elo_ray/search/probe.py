@@ -64,7 +64,7 @@ def layer_gradient_norms(model_uri: str, docs: dict[str, list[list[int]]], seq_l
         for w in windows:
             ids = torch.tensor([w[:-1]], device=device)
             labels = torch.tensor([w[1:]], device=device)
-            logits = model(input_ids=ids).logits.float()
+            logits = model(input_ids=ids, use_cache=False).logits.float()
             (torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="sum") / total).backward()
         out[lang] = [float(sum(p.grad.float().pow(2).sum() for p in layer.parameters() if p.grad is not None))
                      for layer in layers]

@@ -115,9 +115,12 @@ def _decoder(model: nn.Module) -> nn.Module:
 def summed_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, impl: str,
                 chunk_tokens: int = 1024) -> torch.Tensor:
     """The summed next-token loss of one micro-batch (targets already shifted, -100: no loss) by
-    implementation `impl` (plain, chunked or liger, as `resolve` returns)."""
+    implementation `impl` (plain, chunked or liger, as `resolve` returns). No KV cache: training
+    never decodes, and with one each compiled decoder layer recompiled for its layer index (on an
+    H200, a 16-layer model hit torch._dynamo's recompile limit at the 8th layer and ran the rest
+    eager)."""
     if impl == "plain":
-        logits = model(input_ids=input_ids).logits
+        logits = model(input_ids=input_ids, use_cache=False).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
     head = model.get_output_embeddings()
@@ -132,5 +135,5 @@ def summed_loss(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor
             found["loss"] = linear_cross_entropy(hidden, head.weight, targets.flatten(), chunk_tokens, softcap)
 
     with _decoder(model).register_forward_hook(from_hidden_states):  # removed on leaving
-        model(input_ids=input_ids, logits_to_keep=1)  # the last position's logits only: nearly free
+        model(input_ids=input_ids, logits_to_keep=1, use_cache=False)  # the last position's logits only: nearly free
     return found["loss"]
