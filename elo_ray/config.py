@@ -345,6 +345,7 @@ class SearchConfig(Config):
 
     candidates: list[list[int]] | None = Field(
         None,
+        min_length=1,  # [] would quietly mean the default sets; unset (null) means that
         description="Layer sets to compare, as pretrain.layers takes them; --candidates '0,-1; 0,1' overrides. "
         "Unset: first + last, the first two, the last two, the middle pair, first + middle + last.",
     )

@@ -121,3 +121,9 @@ def test_weights_resolve_to_shares(weights, languages, expected):
 def test_bad_weights(weights, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         resolve_weights(weights, ["en", "ko"])
+
+
+def test_an_empty_search_candidates_list_is_refused_not_read_as_the_defaults(tmp_path):
+    lines = problems(tmp_path, MINIMAL + "search:\n  candidates: []\n")
+    assert any("search.candidates" in line and "at least 1 item" in line for line in lines), lines
+    assert load_spec(write(tmp_path, MINIMAL + "search:\n  candidates: [[0, -1]]\n")).search.candidates == [[0, -1]]
