@@ -168,7 +168,8 @@ def cmd_run(args) -> int:
 
 def cmd_search(args) -> int:
     from elo_ray import pipeline
-    from elo_ray.search import candidates, run_search
+    from elo_ray import layer_sets as candidates
+    from elo_ray.search import run_search
 
     spec = _load(args.spec, args.set)
     if spec is None or not _validate(spec):

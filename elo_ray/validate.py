@@ -111,7 +111,7 @@ def check_warm_start(spec: JobSpec, layers: tuple[int, ...]) -> list[str]:
 def check_candidates(spec: JobSpec, num_layers: int) -> list[str]:
     """search.candidates: every layer set is one `elo-ray search` can detach from this base model
     (checked by the search's own resolve, one problem per bad set)."""
-    from elo_ray.search import candidates
+    from elo_ray import layer_sets as candidates
 
     problems = []
     for i, layers in enumerate(spec.search.candidates or []):

@@ -10,7 +10,8 @@ import pytest
 
 from elo_ray import manifest, storage
 from elo_ray.config import ResourcesConfig, load_spec
-from elo_ray.search import candidates, ranking, run_search
+from elo_ray import layer_sets as candidates
+from elo_ray.search import ranking, run_search
 from elo_ray.search.trials import TrialOutcome, concurrent_trials
 
 DEMO = str(resources.files("elo_ray") / "demo.yaml")

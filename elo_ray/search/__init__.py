@@ -9,7 +9,8 @@ every finished one. The ranking (ranking.py) goes to `{root}/{run_id}/search/ran
 with the `--set pretrain.layers=[...]` line of the best. Beside it, a probe that trains nothing
 (probe.py): its ranking and how well it agrees with the trained one.
 
-    candidates.py  the layer sets: --candidates, search.candidates, or derived from the depth
+    elo_ray/layer_sets.py (beside surgery, so validate checks search.candidates with it): the
+                   layer sets: --candidates, search.candidates, or derived from the depth
     probe.py       per-layer gradient norms of the base on a sample of each language
     trials.py      one pipeline run per candidate, as Ray Tune trials
     ranking.py     the ranked table, JSON and plot
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from elo_ray import builtin, lease, stage_table, storage
 from elo_ray.config import JobSpec
-from elo_ray.search import candidates as candidates_lib
+from elo_ray import layer_sets as candidates_lib
 from elo_ray.search import probe, ranking, trials
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 from elo_ray import storage
 from elo_ray.search import probe
-from elo_ray.search.candidates import Candidate
+from elo_ray.layer_sets import Candidate
 from elo_ray.search.trials import TrialOutcome
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from elo_ray import builtin, logs, manifest, storage
 from elo_ray.config import JobSpec, ResourcesConfig, spec_from_dict
-from elo_ray.search.candidates import Candidate
+from elo_ray.layer_sets import Candidate
 
 log = logging.getLogger(__name__)
 
