@@ -381,3 +381,35 @@ def test_smoke_german_filters_by_language_and_trains_and_scores_both_languages(s
     ppl = row["result"]["perplexity"]["full"]
     assert set(ppl) == {"en", "de"} and all(math.isfinite(v) and v > 1 for v in ppl.values())
     assert "| German | manpages-de" in (out / "results.md").read_text()
+
+
+def _elo_align():
+    stages = [_stage("detach", 1), _stage("pretrain", 70, 50, 270_000), _stage("merge", 1)]
+    result = {"name": "elo (0, 11), alignment methods", "kind": "elo", "layers": [0, 11], "trainable_params": 1_500_000,
+              "stages": stages, "perplexity": {"elo (0, 11) no align": {"en": 40.0, "ja": 150.0}},
+              "align_stage": {}, "align_trainable": {}}
+    for variant, wall, ppl, trains in [("full", 29, (36.0, 90.0), 12_900_000), ("layers", 12, (38.0, 120.0), 3_000_000),
+                                       ("lora_layers", 15, (37.0, 100.0), 3_400_000), ("offload", 60, (36.0, 90.0), 12_900_000)]:
+        stage, label = ("align", "elo (0, 11) + align") if variant == "full" else \
+            (f"align-{variant}", f"elo (0, 11) + align {variant}")
+        stages.append(_stage(stage, wall, wall - 4, 30_000))
+        result["perplexity"][label] = dict(zip(("en", "ja"), ppl))
+        result["align_stage"][label] = stage
+        result["align_trainable"][label] = trains
+    return result
+
+
+def test_alignment_methods_are_compared_with_full_alignment_from_the_same_merged_model():
+    results = _results()
+    results["rows"].append(_row("elo-align", {}, _elo_align()))
+    md = report.markdown(results)
+    # en: ln(38/40) / ln(36/40) = 49%; ja: ln(120/150) / ln(90/150) = 44%
+    assert "| preset | none (ELO merged) | | | | | 40.0 | 150.0 | 0% | 0% |" in md
+    assert "| preset | full | 12.90M | 29 | 25 | 1.50 | 36.0 | 90.0 | 100% | 100% |" in md
+    assert "| preset | layers | 3.00M | 12 | 8.0 | 1.50 | 38.0 | 120.0 | 49% | 44% |" in md
+    assert "| preset | offload | 12.90M | 60 | 56 | 1.50 | 36.0 | 90.0 | 100% | 100% |" in md
+    # each aligned model counts its own alignment only, not the other three
+    assert "| elo (0, 11) + align layers | 270K + 30K |" not in md
+    assert "| preset | elo (0, 11) + align layers | 300K | 84 |" in md
+    # the paper's comparison keeps its own rows
+    assert md.count("| elo (0, 11) + align | layers 0, 11 (1.50M) + all (align) |") == 1

@@ -75,6 +75,21 @@ class Size:
         return (self.num_layers // 2 - 1, self.num_layers // 2)
 
 
+# Alignment methods (`align.train` in a job spec) the `elo-align` rows compare: full fine-tuning
+# (the paper's), only the detached layers and their neighbours, those layers whole plus LoRA on
+# the rest, and full fine-tuning with optimizer state and parameters offloaded to CPU.
+ALIGN_VARIANTS = ("full", "layers", "lora_layers", "offload")
+
+
+def align_settings(variant: str, layers: tuple[int, ...]) -> dict:
+    """The TrainConfig fields of alignment method `variant` after ELO on `layers`."""
+    if variant not in ALIGN_VARIANTS:
+        raise ValueError(f"unknown alignment method {variant!r}; choose from {ALIGN_VARIANTS}")
+    if variant in ("layers", "lora_layers"):
+        return {"method": variant, "layers": list(layers)}
+    return {"method": "full", "offload_to_cpu": variant == "offload"}
+
+
 # The fields the base model depends on: a rerun that changes only others reuses it.
 BASE_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "seq_len",
                "micro_batch_size", "base_tokens", "max_pages", "heldout_pct", "base_lr", "base_target_share", "log_every")
@@ -138,6 +153,9 @@ class MethodResult:
     stages: list[StageRun] = field(default_factory=list)
     perplexity: dict[str, dict[str, float]] = field(default_factory=dict)  # model label -> lang -> ppl
     trainable_params: int | None = None
+    # elo-align: each aligned model's alignment stage and the parameters that stage trains
+    align_stage: dict[str, str] = field(default_factory=dict)
+    align_trainable: dict[str, int] = field(default_factory=dict)
 
     def wall_s(self, upto: str | None = None) -> float:
         """Wall seconds of the stages, through stage `upto` if given."""
@@ -324,7 +342,8 @@ class Experiment:
 
         return ResourcesConfig(num_workers=1, use_gpu=self.device == "cuda", cpus_per_worker=1.0, max_failures=0)
 
-    def train_config(self, method: str, lr: float, tokens: int, checkpoints: int = 0):
+    def train_config(self, method: str, lr: float, tokens: int, checkpoints: int = 0, **extra):
+        """The TrainConfig of a stage; `extra`: more of its fields (an alignment method's layers, offload)."""
         from elo_ray.config import TrainConfig
 
         steps = max(1, tokens // (self.size.seq_len * self.size.micro_batch_size))
@@ -333,14 +352,14 @@ class Experiment:
             micro_batch_size=self.size.micro_batch_size, grad_accum=1,
             checkpoint_every=max(50, steps // checkpoints) if checkpoints else 10**9,  # none in a short run
             log_every=max(1, min(self.size.log_every, steps // 4)), lora_rank=self.size.lora_rank,
-            lora_alpha=2.0 * self.size.lora_rank, seed=self.seed,
+            lora_alpha=2.0 * self.size.lora_rank, seed=self.seed, **extra,
         )
 
     def train(self, stage: str, run_dir: Path, model_dir: Path, out_dir: Path, *, method: str, lr: float,
-              data_cfg, checkpoints: int = 0) -> StageRun:
+              data_cfg, checkpoints: int = 0, **extra) -> StageRun:
         """One training stage through elo-ray's engine, from scratch (earlier runs are removed), or,
         with `checkpoints` > 0, saving at most that many checkpoints and resuming an interrupted run of the
-        same `run_dir` from its last one."""
+        same `run_dir` from its last one. `extra`: more TrainConfig fields."""
         from elo_ray import data
         from elo_ray.train import run_training
 
@@ -354,7 +373,8 @@ class Experiment:
         began = time.perf_counter()
         result = run_training(
             name=stage, model_uri=str(model_dir), output_uri=str(out_dir), storage_uri=str(storage_dir),
-            train=self.train_config(method, lr, data_cfg.max_tokens, checkpoints), resources=self.resources(), plan=plan,
+            train=self.train_config(method, lr, data_cfg.max_tokens, checkpoints, **extra), resources=self.resources(),
+            plan=plan,
             seq_len=self.size.seq_len,
         )
         wall = time.perf_counter() - began
@@ -438,23 +458,29 @@ class Experiment:
         stages.append(StageRun(stage="merge", wall_s=time.perf_counter() - began))
         return stages, merged
 
-    def align(self, merged: Path, run_dir: Path) -> tuple[StageRun, Path]:
-        """Full fine-tuning of the merged model on the alignment text: the tokens ELO's layer
-        training left of cp_tokens, English share `align_mix`."""
+    def align(self, merged: Path, run_dir: Path, variant: str = "full",
+              layers: tuple[int, ...] = ()) -> tuple[StageRun, Path]:
+        """Alignment of the merged model on the alignment text: the tokens ELO's layer training
+        left of cp_tokens, English share `align_mix`. `variant` is one of ALIGN_VARIANTS (full
+        fine-tuning, the paper's, by default); `layers` are the detached ones, which `layers` and
+        `lora_layers` train whole. The stage is `align` for full, `align-VARIANT` otherwise."""
         s = self.size
-        aligned = run_dir / "aligned"
+        name = "align" if variant == "full" else f"align-{variant}"
+        aligned = run_dir / ("aligned" if variant == "full" else f"aligned-{variant}")
         tokens = s.cp_tokens - round(s.cp_tokens * (1 - s.align_share))
-        run = self.train("align", run_dir, merged, aligned, method="full", lr=s.align_lr,
-                         data_cfg=self.data_config("align", tokens, s.align_mix, seed_offset=1))
+        run = self.train(name, run_dir, merged, aligned, lr=s.align_lr,
+                         data_cfg=self.data_config("align", tokens, s.align_mix, seed_offset=1),
+                         **align_settings(variant, layers))
         return run, aligned
 
-    def trainable_params(self, model_dir: Path, kind: str) -> int:
-        """Parameters the method's main stage trains (counted on a meta-device model)."""
+    def trainable_params(self, model_dir: Path, kind: str, **extra) -> int:
+        """Parameters the method's main stage trains (counted on a meta-device model); `extra`:
+        more TrainConfig fields (an alignment method's layers)."""
         from elo_ray.config import TrainConfig
         from elo_ray.train import model as model_lib
 
         config = model_lib.read_config(str(model_dir))
-        m = model_lib.build_meta(config, TrainConfig(method=kind, lora_rank=self.size.lora_rank))
+        m = model_lib.build_meta(config, TrainConfig(method=kind, lora_rank=self.size.lora_rank, **extra))
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ evaluation

@@ -7,6 +7,9 @@ token budget, `Size.cp_tokens`, as the paper compares them (DESIGN.md).
                merge them back ("no align"), then full fine-tuning of the merged model on the rest,
                from separate alignment text ("+ align"): the paper's 9 GB of ELO and 1 GB of alignment.
 - elo-middle:  the same with the two middle layers (the paper's (16, 17) of 32).
+- elo-align:   ELO on the first and last layers once, then each alignment method of
+               `ALIGN_VARIANTS` from the same merged model: what each costs (time, peak memory)
+               and how much of full alignment's perplexity recovery it keeps.
 
 A new method is one function `(Experiment, MethodOptions) -> MethodResult` added to `METHODS`;
 its rows then run with `replicate.py --methods NAME` and appear in every table.
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from replicate.experiment import Experiment, MethodResult
+from replicate.experiment import ALIGN_VARIANTS, Experiment, MethodResult, align_settings
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,31 @@ def elo(exp: Experiment, layers: tuple[int, ...]) -> MethodResult:
     return res
 
 
+def elo_align(exp: Experiment, layers: tuple[int, ...]) -> MethodResult:
+    """ELO on `layers` (detach, train, merge), then every alignment method from the merged model;
+    the model of each is labelled `elo (...) + align` (full) or `elo (...) + align VARIANT`."""
+    name = f"elo {tuple(layers)}"
+    res = MethodResult(name=f"{name}, alignment methods", kind="elo", layers=list(layers))
+    run_dir = exp.runs / ("elo-align-" + "-".join(map(str, layers)))
+    stages, merged = exp.detach_merge(layers, run_dir)
+    res.stages.extend(stages)
+    res.perplexity[f"{name} no align"] = exp.perplexity(merged)
+    for variant in ALIGN_VARIANTS:
+        align, aligned = exp.align(merged, run_dir, variant, layers)
+        res.stages.append(align)
+        label = f"{name} + align" + ("" if variant == "full" else f" {variant}")
+        res.perplexity[label] = exp.perplexity(aligned)
+        res.align_stage[label] = align.stage
+        settings = align_settings(variant, layers)
+        res.align_trainable[label] = exp.trainable_params(merged, settings["method"], layers=settings.get("layers"))
+    res.trainable_params = exp.trainable_params(run_dir / "elo-init", "elo")
+    return res
+
+
 METHODS: dict[str, Callable[[Experiment, MethodOptions], MethodResult]] = {
     "full": lambda exp, opt: full_or_lora(exp, "full"),
     "lora": lambda exp, opt: full_or_lora(exp, "lora"),
     "elo": lambda exp, opt: elo(exp, (0, exp.size.num_layers - 1)),
     "elo-middle": lambda exp, opt: elo(exp, opt.middle_layers or exp.size.middle_pair),
+    "elo-align": lambda exp, opt: elo_align(exp, (0, exp.size.num_layers - 1)),
 }

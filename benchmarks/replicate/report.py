@@ -40,8 +40,9 @@ def _name(code: str) -> str:
 
 
 def preset_rows(results: dict) -> list[dict]:
-    """The rows run on the preset itself (no --set): the paper's comparison."""
-    return [r for r in results["rows"] if not r["changes"]]
+    """The rows run on the preset itself (no --set): the paper's comparison (the alignment
+    methods have their own table)."""
+    return [r for r in results["rows"] if not r["changes"] and r["method"] != "elo-align"]
 
 
 def _base_label(results: dict, base: dict) -> str:
@@ -64,14 +65,18 @@ def model_rows(results: dict, rows: list[dict]) -> list[dict]:
         base = results["bases"][row["base"]]
         for label, ppl in m["perplexity"].items():
             upto = "merge" if label.endswith("no align") else None
+            own_align = m.get("align_stage", {}).get(label)  # elo-align: one alignment of several
             used = []
             for s in m["stages"]:
+                if own_align and s["stage"].startswith("align") and s["stage"] != own_align:
+                    continue
                 used.append(s)
                 if s["stage"] == upto:
                     break
             if m["kind"] == "elo":
                 trained = f"layers {', '.join(map(str, m['layers']))} ({m['trainable_params'] / 1e6:.2f}M)"
-                trained += " + all (align)" if upto is None else ""
+                aligned = m.get("align_trainable", {}).get(label)
+                trained += "" if upto is not None else f" + {aligned / 1e6:.2f}M (align)" if aligned else " + all (align)"
             elif m["kind"] == "lora":
                 trained = f"LoRA r={row['size']['lora_rank']} ({m['trainable_params'] / 1e6:.2f}M)"
             else:
@@ -205,6 +210,39 @@ def english_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def share_of_change(before: float, ref: float, after: float) -> float | None:
+    """Of the reference's change in log perplexity from `before`, the share `after` makes
+    (1.0: the same change; None when the reference changed nothing)."""
+    change = math.log(ref) - math.log(before)
+    return (math.log(after) - math.log(before)) / change if abs(change) > 1e-9 else None
+
+
+def align_methods_table(results: dict) -> str:
+    """Per elo-align row and alignment method: what the alignment trains, its time and peak
+    memory, the aligned model's perplexity, and the share of full alignment's change it makes."""
+    t = results["target"]
+    lines = [f"| setting | alignment | trains | align wall s | align loop s | peak GiB | ppl en | ppl {t} "
+             f"| of full alignment's change: en | {t} |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in results["rows"]:
+        if row["method"] != "elo-align":
+            continue
+        m = row["result"]
+        ppl = m["perplexity"]
+        no_align = next(v for k, v in ppl.items() if k.endswith("no align"))
+        full = next(ppl[k] for k, st in m["align_stage"].items() if st == "align")
+        by_stage = {s["stage"]: s for s in m["stages"]}
+        lines.append(f"| {setting_label(row['changes'])} | none (ELO merged) | | | | | {no_align['en']:.1f} | "
+                     f"{no_align[t]:,.1f} | 0% | 0% |")
+        for label, stage in m["align_stage"].items():
+            s, p = by_stage[stage], ppl[label]
+            kept = [share_of_change(no_align[lang], full[lang], p[lang]) for lang in ("en", t)]
+            lines.append(f"| {setting_label(row['changes'])} | {stage.removeprefix('align-') if stage != 'align' else 'full'} "
+                         f"| {m['align_trainable'][label] / 1e6:.2f}M | {_fmt_s(s['wall_s'])} | {_fmt_s(s.get('loop_s'))} "
+                         f"| {s['peak_memory_gb']:.2f} | {p['en']:.1f} | {p[t]:,.1f} | "
+                         + " | ".join("-" if k is None else f"{100 * k:.0f}%" for k in kept) + " |")
+    return "\n".join(lines)
+
+
 def ratio_rows(results: dict) -> list[dict]:
     """The English:target sweep of ELO: comparisons whose only change is en_share, by share."""
     sweep = [c for c in comparisons(results) if set(c["row"]["changes"]) <= {"en_share"}]
@@ -282,6 +320,9 @@ def markdown(results: dict) -> str:
     if any(c["full"] for c in comparisons(results)):
         lines += ["## The English question: ELO + alignment against full fine-tuning at equal tokens", "",
                   english_table(results), ""]
+    if any(r["method"] == "elo-align" for r in results["rows"]):
+        lines += ["## Alignment methods after ELO (first + last layers), from the same merged model", "",
+                  align_methods_table(results), ""]
     lines += ["## Every row", "", all_rows_table(results), "",
               f"Machine: {info.get('cpus')} CPUs, torch {info.get('torch')}; each row's load average and commit are "
               "in results.json.", ""]

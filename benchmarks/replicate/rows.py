@@ -124,7 +124,9 @@ MATRICES = {
     "ratio": [Row("full"), Row("elo"), *_SWEEP],
     "english": [Row("full"), Row("elo"), *_ENGLISH],
     # Everything issue 16 asks for, cheapest answers to the English question first.
-    "all": [Row("elo"), Row("full"), *_ENGLISH[:4], *_SWEEP, *_ENGLISH[4:], Row("lora"), Row("elo-middle")],
+    "align": [Row("elo-align")],
+    "all": [Row("elo"), Row("full"), *_ENGLISH[:4], *_SWEEP, *_ENGLISH[4:], Row("lora"), Row("elo-middle"),
+            Row("elo-align")],
 }
 
 
