@@ -413,3 +413,6 @@ def test_alignment_methods_are_compared_with_full_alignment_from_the_same_merged
     assert "| preset | elo (0, 11) + align layers | 300K | 84 |" in md
     # the paper's comparison keeps its own rows
     assert md.count("| elo (0, 11) + align | layers 0, 11 (1.50M) + all (align) |") == 1
+    # a method that could not run says why in its row
+    results["rows"][-1]["result"]["align_failed"] = {"lora_layers": "TrainingError: nothing is left for LoRA"}
+    assert "| preset | lora_layers | failed: TrainingError: nothing is left for LoRA | | | | | | | |" in report.markdown(results)

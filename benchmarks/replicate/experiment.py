@@ -156,6 +156,7 @@ class MethodResult:
     # elo-align: each aligned model's alignment stage and the parameters that stage trains
     align_stage: dict[str, str] = field(default_factory=dict)
     align_trainable: dict[str, int] = field(default_factory=dict)
+    align_failed: dict[str, str] = field(default_factory=dict)  # alignment method -> why it did not run
 
     def wall_s(self, upto: str | None = None) -> float:
         """Wall seconds of the stages, through stage `upto` if given."""

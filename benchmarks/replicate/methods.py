@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from replicate.corpus import log
 from replicate.experiment import ALIGN_VARIANTS, Experiment, MethodResult, align_settings
 
 
@@ -69,7 +70,12 @@ def elo_align(exp: Experiment, layers: tuple[int, ...]) -> MethodResult:
     res.stages.extend(stages)
     res.perplexity[f"{name} no align"] = exp.perplexity(merged)
     for variant in ALIGN_VARIANTS:
-        align, aligned = exp.align(merged, run_dir, variant, layers)
+        try:
+            align, aligned = exp.align(merged, run_dir, variant, layers)
+        except Exception as e:  # a method that cannot run here (lora_layers with every layer whole): its row says so
+            res.align_failed[variant] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"{run_dir.name}: alignment {variant} failed: {res.align_failed[variant]}")
+            continue
         res.stages.append(align)
         label = f"{name} + align" + ("" if variant == "full" else f" {variant}")
         res.perplexity[label] = exp.perplexity(aligned)

@@ -240,6 +240,8 @@ def align_methods_table(results: dict) -> str:
                          f"| {m['align_trainable'][label] / 1e6:.2f}M | {_fmt_s(s['wall_s'])} | {_fmt_s(s.get('loop_s'))} "
                          f"| {s['peak_memory_gb']:.2f} | {p['en']:.1f} | {p[t]:,.1f} | "
                          + " | ".join("-" if k is None else f"{100 * k:.0f}%" for k in kept) + " |")
+        for variant, why in m.get("align_failed", {}).items():
+            lines.append(f"| {setting_label(row['changes'])} | {variant} | failed: {why} | | | | | | | |")
     return "\n".join(lines)
 
 
