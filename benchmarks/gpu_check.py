@@ -43,6 +43,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -233,8 +234,6 @@ def run_pipeline(work: Path, out: Path, preset: dict, device: torch.device, time
 
 
 def disk_free_gb(path: Path) -> float:
-    import shutil
-
     return shutil.disk_usage(path).free / 2**30
 
 
@@ -317,8 +316,6 @@ def run_throughput(work: Path, preset: dict, device: torch.device, runs: list, d
                     result = throughput.measure(impl, throughput.SHAPES[shape], method, args, str(work / shape), 0)
                     throughput.merge(entry["rows"], (impl, method), result)
                     if impl.startswith("engine"):  # its final checkpoint and export (1b full: ~17 GB)
-                        import shutil
-
                         for done in ("runs", f"out-{method}"):
                             shutil.rmtree(work / shape / done, ignore_errors=True)
                     entry["seconds"] += time.perf_counter() - began
@@ -481,8 +478,6 @@ def main(argv=None) -> int:
                 report["pipeline_error"] = f"{type(e).__name__}: {e}"
                 print(f"pipeline FAILED: {report['pipeline_error']}", flush=True)
             if not args.workdir:  # its checkpoints (1B with optimizer state: ~13 GB a training stage) go
-                import shutil
-
                 shutil.rmtree(work / "runs", ignore_errors=True)
             report["disk_free_gb_after_pipeline"] = disk_free_gb(work)
             save()
