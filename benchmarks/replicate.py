@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/replicate.py --methods elo --set elo_lr=1e-4   # one row
     .venv/bin/python benchmarks/replicate.py --smoke --target de               # a few pages, a tiny model
     .venv/bin/python benchmarks/replicate.py --size medium --device cuda       # larger, on a GPU
+    .venv/bin/python benchmarks/replicate.py --search-spec    # a spec of this setting for `elo-ray search`
 
 1. Corpus: English and the target language (`--target`, default ja) from Debian's manual pages
    (`manpages`, `manpages-dev`, `manpages-LANG`; installed with apt-get when missing), rendered
@@ -72,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "only when its settings change)")
     p.add_argument("--rerun", action="store_true", help="run the asked rows again even if results.json has them")
     p.add_argument("--no-publish", action="store_true", help="do not copy the table and plots to benchmarks/results/")
+    p.add_argument("--search-spec", action="store_true",
+                   help="write --out/search.yaml, a job spec of this setting (base model, corpus, ELO's stream and "
+                   "schedule) for `elo-ray search`, print the command that runs it, and exit")
     p.add_argument("--report-only", action="store_true", help="redraw the table and plots from --out/results.json")
     args = p.parse_args(argv)
     if args.smoke:
@@ -189,6 +193,29 @@ def run_rows(args: argparse.Namespace, store: ResultsStore) -> None:
         })
 
 
+def write_search_spec(args: argparse.Namespace) -> int:
+    """--search-spec: the preset's setting (with --set) as a job spec for `elo-ray search`, so that
+    the search's trained ranking and its probe are measured on the manual pages (issue 14)."""
+    import yaml
+
+    from elo_ray.config import spec_from_dict
+
+    size = args.rows[0].size(SIZES[args.size])
+    exp = Experiment(args.out, size, target=args.target, size_name=args.size, device=args.device, seed=args.seed)
+    exp.prepare()
+    if not (exp.base_dir / "replicate-base.json").is_file():
+        start_ray(args)
+    exp.pretrain_base()
+    spec = exp.search_spec(args.out / "search-runs")
+    spec_from_dict(spec)  # what elo-ray will read: a mistake here fails now, not in the search
+    path = args.out / "search.yaml"
+    cmd = f"elo-ray search {path}"
+    path.write_text(f"# `{' '.join(sys.argv)}`: the replicate setting for the layer search. Run:\n#   {cmd}\n"
+                    + yaml.safe_dump(spec, sort_keys=False))
+    log(f"wrote {path}; run: {cmd}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out: Path = args.out
@@ -201,6 +228,8 @@ def main(argv=None) -> int:
             publish(paths, results_json)
         return 0
 
+    if args.search_spec:
+        return write_search_spec(args)
     began = time.perf_counter()
     header = {"size_name": args.size, "target": args.target, "device": args.device, "seed": args.seed}
     if args.fresh:

@@ -416,3 +416,29 @@ def test_alignment_methods_are_compared_with_full_alignment_from_the_same_merged
     # a method that could not run says why in its row
     results["rows"][-1]["result"]["align_failed"] = {"lora_layers": "TrainingError: nothing is left for LoRA"}
     assert "| preset | lora_layers | failed: TrainingError: nothing is left for LoRA | | | | | | | |" in report.markdown(results)
+
+
+def test_search_spec_trains_each_candidate_as_the_elo_rows_train_first_and_last(tmp_path):
+    from elo_ray.config import spec_from_dict
+    from elo_ray.layer_sets import Candidate
+    from elo_ray.search.trials import trial_spec
+    from replicate.experiment import Experiment
+
+    exp = Experiment(tmp_path, SIZES["small"], target="ja", size_name="small")
+    spec = spec_from_dict(exp.search_spec(tmp_path / "runs"))
+    trial = trial_spec(spec, Candidate(given=(0, 1), layers=(0, 1)), "layers-small-ja")
+    # the ELO rows' stream and schedule: 90% of cp_tokens from the cp part at 1:9, lr 3e-4, 105 steps
+    data = exp.elo_data_config()
+    assert trial.pretrain.data.max_tokens == spec.search.max_tokens == round(240_000 * 0.9) == data.max_tokens
+    assert [s.uri for s in trial.pretrain.data.sources] == [s.uri for s in data.sources]
+    assert trial.pretrain.data.sources[1].uri.endswith("corpus/ja/align-0.1/ja.cp.jsonl")
+    assert trial.pretrain.data.weights == {"en": 0.1, "ja": 0.9} and trial.pretrain.data.seq_len == 256
+    assert trial.pretrain.train == exp.train_config("elo", 3e-4, data.max_tokens)
+    assert (trial.pretrain.train.lr, trial.pretrain.train.warmup_steps, trial.pretrain.train.micro_batch_size) == (3e-4, 5, 8)
+    assert trial.pretrain.layers == [0, 1]
+    # scored on 32 held-out documents per language that training skips; no tasks, no alignment
+    assert trial.pretrain.data.heldout_docs == trial.eval.max_docs == 32
+    assert trial.eval.tasks == [] and not trial.align.enabled
+    assert trial.model.base == str(tmp_path / "bases" / exp.base_key)
+    assert trial.model.tokenizer == str(tmp_path / "tokenizer" / "ja-8192")
+    assert (trial.resources.num_workers, trial.resources.cpus_per_worker) == (1, 1.0)

@@ -252,8 +252,11 @@ class Experiment:
             for t in corpus_lib.read_texts(c.train):
                 parts[align if corpus_lib.is_heldout(t, 100 * self.size.align_share) else cp].append(t)
             for path, docs in parts.items():
-                with open(path, "w", encoding="utf-8") as f:
+                # Written aside and moved into place: a run streaming the old file reads it whole.
+                tmp = path.with_name(path.name + ".tmp")
+                with open(tmp, "w", encoding="utf-8") as f:
                     f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
+                os.replace(tmp, path)
 
     def sources(self, part: str, languages=None):
         """Source configs of `part`: train (all training text: the base, full and LoRA), cp (ELO's
@@ -440,6 +443,30 @@ class Experiment:
         marker.write_text(json.dumps(saved))
         return json.loads(json.dumps(saved))
 
+    def elo_data_config(self, heldout_docs: int = 0):
+        """ELO's layer-training stream: `(1 - align_share)` of cp_tokens from the cp part."""
+        tokens = round(self.size.cp_tokens * (1 - self.size.align_share))
+        return self.data_config("cp", tokens, self.size.en_share).model_copy(update={"heldout_docs": heldout_docs})
+
+    def search_spec(self, storage_root: Path, heldout_docs: int = 32) -> dict:
+        """A job spec of this setting for `elo-ray search`: each candidate trains as `detach_merge`
+        trains the first and last layers (the base, tokenizer, stream, token budget, lr and
+        schedule) and is scored on the first `heldout_docs` documents per language of the cp
+        part, which its training then skips (the search's held-out text, not the harness's)."""
+        data_cfg = self.elo_data_config(heldout_docs)
+        return {
+            "run_id": f"layers-{self.size_name}-{self.target}",
+            "storage": {"root": str(storage_root)},
+            "model": {"base": str(self.base_dir), "tokenizer": str(self.tokenizer_dir)},
+            "resources": self.resources().model_dump(mode="json", exclude_defaults=True),
+            "pretrain": {"data": data_cfg.model_dump(mode="json", exclude_defaults=True),
+                         "train": self.train_config("elo", self.size.elo_train_lr, data_cfg.max_tokens)
+                         .model_dump(mode="json", exclude_defaults=True)},
+            "align": {"enabled": False},
+            "eval": {"max_docs": heldout_docs, "tasks": []},
+            "search": {"max_tokens": data_cfg.max_tokens},
+        }
+
     def detach_merge(self, layers: tuple[int, ...], run_dir: Path) -> tuple[list[StageRun], Path]:
         """surgery.save_detached -> ELO training of the detached model -> surgery.merge; returns the
         stages and the merged model's folder."""
@@ -451,9 +478,8 @@ class Experiment:
         began = time.perf_counter()
         surgery.save_detached(str(self.base_dir), layers, str(elo_init), overwrite=True)
         stages.append(StageRun(stage="detach", wall_s=time.perf_counter() - began))
-        pretrain_tokens = round(s.cp_tokens * (1 - s.align_share))
         stages.append(self.train("pretrain", run_dir, elo_init, elo_out, method="elo", lr=s.elo_train_lr,
-                                 data_cfg=self.data_config("cp", pretrain_tokens, s.en_share)))
+                                 data_cfg=self.elo_data_config()))
         began = time.perf_counter()
         surgery.merge(str(self.base_dir), str(elo_out), str(merged), overwrite=True)
         stages.append(StageRun(stage="merge", wall_s=time.perf_counter() - began))
