@@ -149,11 +149,12 @@ def check_data(spec: JobSpec, config=None) -> list[str]:
     """Every data section: its sources read and a sample of each parses; its seq_len fits `config`
     (the base model's config, when it could be read)."""
     from elo_ray import data
+    from elo_ray.train.model import check_seq_len
 
     problems = []
     max_positions = getattr(config, "max_position_embeddings", None)
     for key, cfg in stage_table.data_sections(spec).items():
-        problems += [f"{key}: {p}" for p in data.check_seq_len(cfg.seq_len, max_positions)]
+        problems += [f"{key}: {p}" for p in check_seq_len(cfg.seq_len, max_positions)]
         try:
             resolved = builtin.resolve_sources(cfg, spec.storage.root)
         except ValueError as e:

@@ -86,7 +86,8 @@ def run(args: list[str], capsys) -> tuple[int, str]:
 BAD_INPUT = [
     ("pretrain", DataError("/d/ko.jsonl line 1: no 'text' key; the record has keys body, id. Set text_field")),
     ("merge", SurgeryError("no config.json in /r/pretrain/model; a Hugging Face checkpoint holds config.json")),
-    ("align", TrainingError("seq_len 4096 is beyond the model's max_position_embeddings 2048")),
+    ("align", TrainingError("seq_len: 4096 tokens is more than the model takes (max_position_embeddings: 2048); "
+                            "set seq_len to at most 2048")),
     ("align", CheckpointMismatchError("the checkpoint holds 2 layers, the model 4; start a new run id")),
     ("eval", SpecError("spec", ["eval.max_docs: must be positive"])),
 ]

@@ -225,7 +225,8 @@ def run_rejected(tmp_path, config, train: TrainConfig, seq_len: int = 32):
 
 
 def test_sequence_longer_than_the_position_table_is_rejected_before_training(tmp_path):
-    with pytest.raises(TrainingError, match="seq_len 512 is longer than the model's max_position_embeddings 256"):
+    with pytest.raises(TrainingError, match=r"^seq_len: 512 tokens is more than the model takes \(max_position_embeddings: 256\); "
+                                            r"set seq_len to at most 256$"):
         run_rejected(tmp_path, elo_config(), TrainConfig(method="elo"), seq_len=512)
     assert not (tmp_path / "runs").exists()
 

@@ -39,7 +39,7 @@ Modules, each importing only those above it:
   plan.py        the driver's steps: check, units, held-out, count, budget, datasets -> StreamPlan
 """
 
-from elo_ray.data.checks import check_seq_len, validate_sources
+from elo_ray.data.checks import validate_sources
 from elo_ray.data.documents import StreamKind
 from elo_ray.data.plan import StreamPlan, heldout, plan_chat_stream, plan_pretrain_stream
 from elo_ray.data.reader import StreamReader, mix_order
@@ -50,7 +50,6 @@ __all__ = [
     "StreamKind",
     "StreamPlan",
     "StreamReader",
-    "check_seq_len",
     "heldout",
     "mix_order",
     "plan_chat_stream",

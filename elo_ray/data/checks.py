@@ -62,14 +62,6 @@ def require_valid_sources(cfg: DataConfig | ChatDataConfig) -> dict[str, float]:
     return resolve_shares(cfg, StreamKind.of(cfg))
 
 
-def check_seq_len(seq_len: int, max_positions: int | None) -> list[str]:
-    """seq_len must fit the model's positions: every sequence is seq_len tokens long."""
-    if max_positions is None or seq_len <= max_positions:
-        return []
-    return [f"seq_len: {seq_len} tokens is more than the model takes (max_position_embeddings: {max_positions}); "
-            f"set seq_len to at most {max_positions}"]
-
-
 def check_source(src: SourceConfig, kind: StreamKind, on_bad_record: str = "error") -> list[str]:
     """Problems of one source, each naming its URI; [] when every file opens and the sample parses."""
     if kind is StreamKind.CHAT and src.format == "text":

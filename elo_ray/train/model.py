@@ -83,14 +83,20 @@ def read_config(model_dir: str):
     return transformers.AutoConfig.from_pretrained(model_dir)
 
 
+def check_seq_len(seq_len: int, max_positions: int | None) -> list[str]:
+    """seq_len must fit the model's positions: every sequence is seq_len tokens long. The one rule
+    for `check_fits` and `elo-ray validate` (the data plane may not import train, nor train data)."""
+    if max_positions is None or seq_len <= max_positions:
+        return []
+    return [f"seq_len: {seq_len} tokens is more than the model takes (max_position_embeddings: {max_positions}); "
+            f"set seq_len to at most {max_positions}"]
+
+
 def check_fits(config, method: str, seq_len: int, micro_batch_size: int) -> None:
     """Errors before any training for shapes and methods the model cannot take."""
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise TrainingError(
-            f"seq_len {seq_len} is longer than the model's max_position_embeddings {max_pos}; "
-            f"set data.seq_len to at most {max_pos}"
-        )
+    too_long = check_seq_len(seq_len, getattr(config, "max_position_embeddings", None))
+    if too_long:
+        raise TrainingError(too_long[0])
     if micro_batch_size < 1:
         raise TrainingError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
     if method == "elo" and getattr(config, "elo_layers", None) is None:
