@@ -58,9 +58,7 @@ import time
 import uuid
 from typing import Iterator
 
-import psutil
-
-from elo_ray import storage
+from elo_ray import processes, storage
 
 log = logging.getLogger(__name__)
 
@@ -95,23 +93,14 @@ class Holder:
     @classmethod
     def of_this_process(cls) -> "Holder":
         now = _now()
-        return cls(socket.gethostname(), os.getpid(), psutil.Process().create_time(), now, now, uuid.uuid4().hex)
+        return cls(socket.gethostname(), os.getpid(), processes.start_time(), now, now, uuid.uuid4().hex)
 
     def seconds_since_heartbeat(self) -> float:
         return time.time() - dt.datetime.fromisoformat(self.heartbeat).timestamp()
 
     def gone_from_this_host(self) -> bool:
         """The holder ran on this host and its process is no longer running."""
-        if self.host != socket.gethostname():
-            return False
-        try:
-            proc = psutil.Process(self.pid)
-            running = proc.status() != psutil.STATUS_ZOMBIE
-            return not (running and abs(proc.create_time() - self.process_started) < 1.0)
-        except psutil.NoSuchProcess:
-            return True
-        except psutil.AccessDenied:  # a process we may not inspect is running
-            return False
+        return self.host == socket.gethostname() and not processes.running(self.pid, self.process_started)
 
     def describe(self) -> str:
         return (f"host {self.host}, pid {self.pid}, since {self.since}, last heartbeat {self.heartbeat} "

@@ -6,12 +6,18 @@ alone, that it has ended: host name, boot, PID namespace, PID and the process's 
 (which tells a reused PID from the original). `gone(holder)` is True only when that is certain;
 a holder on another host, in another container's PID namespace or on a system without /proc
 is never judged gone here (callers fall back to a heartbeat's age).
+
+`start_time(pid)` and `running(pid, started)` ask the same of a process known only by its PID
+and start time in seconds since the epoch (the run lease records those; its host is the
+caller's to compare).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+
+import psutil
 
 
 def _read(path: str) -> str | None:
@@ -70,3 +76,21 @@ def gone(holder: dict) -> bool:
         return False
     stat = _stat(holder["pid"])
     return stat is None or stat[0] == "Z" or (holder.get("start") is not None and stat[1] != holder["start"])
+
+
+def start_time(pid: int | None = None) -> float:
+    """When process `pid` (this process by default) started, in seconds since the epoch."""
+    return psutil.Process(pid).create_time()
+
+
+def running(pid: int, started: float) -> bool:
+    """True while process `pid`, started at `started` (its `start_time`), runs on this host:
+    False once it ended or is a zombie, or when the PID now names a process started at another
+    time (a reused PID). A process this user may not inspect counts as running."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and abs(proc.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -49,3 +50,18 @@ def test_a_process_of_another_host_or_container_is_never_judged_gone_here():
     me = processes.identity()
     assert processes.gone({**me, "host": "another-host", "pid": 2**22 + 7}) is False
     assert processes.gone({**me, "pid_namespace": "pid:[1]", "pid": 2**22 + 7}) is False
+
+
+def test_running_tells_a_live_process_from_an_ended_a_zombie_and_a_reused_pid():
+    me = processes.start_time()
+    assert processes.running(os.getpid(), me) is True
+    assert processes.running(os.getpid(), me + 5.0) is False  # the PID names a process started at another time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    started = processes.start_time(child.pid)
+    assert abs(started - time.time()) < 60
+    assert processes.running(child.pid, started) is True
+    child.send_signal(signal.SIGKILL)
+    time.sleep(0.5)  # a zombie until waited for
+    assert processes.running(child.pid, started) is False
+    child.wait()
+    assert processes.running(child.pid, started) is False
