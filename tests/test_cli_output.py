@@ -79,6 +79,11 @@ def test_default_output_is_the_runs_story_with_progress_and_eta(another_ray_on_t
 def test_verbose_brings_back_rays_worker_output_and_the_detail_lines(another_ray_on_the_machine, demo_base, tmp_path):
     out = run(tmp_path, demo_base, "--verbose")
     assert "(RayTrainWorker pid=" in out  # what Ray's workers print, streamed by Ray
+    # Noise that the default output turns off, kept: Ray Data's console lines on the driver (the
+    # counting pass) and transformers' bars in the detach task.
+    assert re.search(r"INFO streaming_executor\.py:\d+ -- Starting execution of Dataset \S+\. Full logs are in ", out)
+    assert "TaskPoolMapOperator[Readelo_ray_count]" in out
+    assert re.search(r"\(save_detached pid=\d+\)", out) and "Loading weights: 100%" in out
     assert re.search(r"\[elo-ray\] step 2 lr \S+ grad_norm \S+ .* TFLOP/s/worker .* GiB", out)  # DEBUG
     assert re.search(r"\[elo-ray\] step 4/4 \(100%\) .* took ", out)
     # Ray Train's placement-group cleaner reaches the State API: the cause is gone, not hidden.
