@@ -23,6 +23,14 @@ the benchmarks): how it is started, in one place.
   ray` rather than `ray[default]`, or the offline archive of scripts/offline_archive.py on a GPU
   host that cannot install): `ray.init(include_dashboard=True)` would raise "Cannot include
   dashboard with missing packages", so the run starts without it and says so once.
+- Without a dashboard, a State API address where nothing can answer: a port this process holds
+  bound and never listens on, so each query is refused at once and the cleaner keeps waiting
+  ("State API may be temporarily unavailable"). Left unset, the State API client finds the
+  machine's most recently started Ray instead: once another Ray with a dashboard starts on the
+  machine (a second run, a search, the tests), the cleaner asks that Ray for this one's
+  controller, is told it does not exist, and removes the running training's placement group,
+  which kills its workers ("Destroying worker since its placement group was removed"; seen
+  when an `elo-ray search` started beside a dashboard-less benchmark run).
 """
 
 from __future__ import annotations
@@ -67,6 +75,19 @@ def free_dashboard_agent_port() -> int:
     return port
 
 
+_UNSERVED: socket.socket | None = None  # held for this process's life: see unserved_state_api()
+
+
+def unserved_state_api() -> str:
+    """A State API address that refuses every connection while this process lives (a port held
+    bound, never listened on: nothing else can take it)."""
+    global _UNSERVED
+    if _UNSERVED is None:
+        _UNSERVED = socket.socket()
+        _UNSERVED.bind(("127.0.0.1", 0))
+    return f"http://127.0.0.1:{_UNSERVED.getsockname()[1]}"
+
+
 def missing_dashboard_packages() -> str | None:
     """Why Ray's dashboard cannot start here (the first of its packages that fails to import),
     or None when it can."""
@@ -77,8 +98,9 @@ def missing_dashboard_packages() -> str | None:
 
 
 def start(*, dashboard: bool = True, **init_kwargs) -> str | None:
-    """Start a local Ray of this process's own, its dashboard agent on a free port and, with
-    the dashboard, its State API's address in the environment of every Ray process. Returns
+    """Start a local Ray of this process's own, its dashboard agent on a free port and its
+    State API's address (without a dashboard: one that refuses) in the environment of every
+    Ray process. Returns
     the dashboard's URL (None without one); `init_kwargs` go to `ray.init` (num_cpus,
     log_to_driver, logging_level, ...). A dashboard asked for where its packages are missing
     is left out, with a warning."""
@@ -95,5 +117,7 @@ def start(*, dashboard: bool = True, **init_kwargs) -> str | None:
         url = f"http://127.0.0.1:{port}"
         os.environ["RAY_API_SERVER_ADDRESS"] = url
         init_kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **init_kwargs}
+    else:
+        os.environ["RAY_API_SERVER_ADDRESS"] = unserved_state_api()  # never another Ray's (docstring)
     ray.init(address="local", include_dashboard=dashboard, **init_kwargs)
     return url

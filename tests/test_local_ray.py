@@ -49,10 +49,28 @@ def test_a_ray_without_the_dashboards_packages_starts_without_it(monkeypatch, ra
     with caplog.at_level("WARNING", logger="elo_ray.local_ray"):
         assert local_ray.start(num_cpus=2) is None
     assert calls == [{"address": "local", "include_dashboard": False, "num_cpus": 2}]
-    assert "RAY_API_SERVER_ADDRESS" not in __import__("os").environ
+    assert __import__("os").environ["RAY_API_SERVER_ADDRESS"] == local_ray.unserved_state_api()
     assert "without its dashboard" in caplog.text and "No module named 'aiohttp_cors'" in caplog.text
 
 
 def test_the_dashboards_packages_are_installed_here():
     # The environment the tests run in has ray[default]: start() keeps the dashboard there.
     assert local_ray.missing_dashboard_packages() is None
+
+
+def test_without_a_dashboard_the_state_api_refuses_instead_of_asking_another_ray(monkeypatch):
+    # Ray Train's placement-group cleaner removes the training's placement group when the State
+    # API says the controller is gone (None), and keeps waiting when the query raises. Without a
+    # dashboard, start() points the State API at an address that refuses, never at the machine's
+    # latest Ray (which would answer None for an actor it does not have).
+    from ray.train.v2._internal.state.util import is_actor_alive
+    from ray.util.state.exception import RayStateApiException
+
+    url = local_ray.unserved_state_api()
+    assert url == local_ray.unserved_state_api()  # one port for the process's life
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as sock, pytest.raises(OSError):
+        sock.bind(("127.0.0.1", port))  # held: no server can take it
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", url)
+    with pytest.raises(RayStateApiException, match=f"127.0.0.1:{port}"):
+        is_actor_alive(actor_id="2544cf76c37ec4697ae5b80d01000000", timeout=5)
