@@ -50,14 +50,21 @@ def elo(exp: Experiment, layers: tuple[int, ...]) -> MethodResult:
     name = f"elo {tuple(layers)}"
     res = MethodResult(name=name, kind="elo", layers=list(layers))
     run_dir = exp.runs / ("elo-" + "-".join(map(str, layers)))
-    stages, merged = exp.detach_merge(layers, run_dir)
-    res.stages.extend(stages)
-    res.perplexity[f"{name} no align"] = exp.perplexity(merged)
+    merged = _merged(exp, layers, run_dir, res)
     align, aligned = exp.align(merged, run_dir)
     res.stages.append(align)
     res.perplexity[f"{name} + align"] = exp.perplexity(aligned)
-    res.trainable_params = exp.trainable_params(run_dir / "elo-init", "elo")
     return res
+
+
+def _merged(exp: Experiment, layers: tuple[int, ...], run_dir, res: MethodResult):
+    """ELO's first half into `res`: detach, train and merge `layers`, the merged model's
+    perplexity ("no align") and the parameters ELO trains; returns the merged model's folder."""
+    stages, merged = exp.detach_merge(layers, run_dir)
+    res.stages.extend(stages)
+    res.perplexity[f"elo {tuple(layers)} no align"] = exp.perplexity(merged)
+    res.trainable_params = exp.trainable_params(run_dir / "elo-init", "elo")
+    return merged
 
 
 def elo_align(exp: Experiment, layers: tuple[int, ...]) -> MethodResult:
@@ -66,9 +73,7 @@ def elo_align(exp: Experiment, layers: tuple[int, ...]) -> MethodResult:
     name = f"elo {tuple(layers)}"
     res = MethodResult(name=f"{name}, alignment methods", kind="elo", layers=list(layers))
     run_dir = exp.runs / ("elo-align-" + "-".join(map(str, layers)))
-    stages, merged = exp.detach_merge(layers, run_dir)
-    res.stages.extend(stages)
-    res.perplexity[f"{name} no align"] = exp.perplexity(merged)
+    merged = _merged(exp, layers, run_dir, res)
     for variant in ALIGN_VARIANTS:
         try:
             align, aligned = exp.align(merged, run_dir, variant, layers)
@@ -82,7 +87,6 @@ def elo_align(exp: Experiment, layers: tuple[int, ...]) -> MethodResult:
         res.align_stage[label] = align.stage
         settings = align_settings(variant, layers)
         res.align_trainable[label] = exp.trainable_params(merged, settings["method"], layers=settings.get("layers"))
-    res.trainable_params = exp.trainable_params(run_dir / "elo-init", "elo")
     return res
 
 
