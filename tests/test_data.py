@@ -161,30 +161,6 @@ def test_two_runs_give_bit_identical_batches_whatever_the_worker_speeds(plan2, s
         assert all(x["input_ids"].equal(y["input_ids"]) for x, y in zip(a, b))
 
 
-class _Recording:
-    """A real shard that notes when its rows are first asked for."""
-
-    def __init__(self, shard, lang, started):
-        self.shard, self.lang, self.started = shard, lang, started
-
-    def iter_batches(self, **kwargs):
-        self.started.append(self.lang)
-        return self.shard.iter_batches(**kwargs)
-
-
-def test_every_language_starts_reading_before_the_first_batch(plan2):
-    # Korean fills the first micro-batches (1:9); English's dataset still starts with Korean's,
-    # not when the mix first picks it. The batches are those of an unprimed read.
-    readers = plan2.local_readers()
-    started = [[], []]
-    for rank, r in enumerate(readers):
-        r._shards = {lang: _Recording(shard, lang, started[rank]) for lang, shard in r._shards.items()}
-    firsts = each_rank(2, lambda rank: (next(iter(readers[rank].batches(4))), list(started[rank])))
-    for first, seen in firsts:
-        assert sorted(seen) == ["en", "ko"]
-        assert first["sequences"] == {"ko": 4}
-
-
 def test_skip_resumes_exactly_where_the_run_stopped(plan2, stream2):
     resumed = read_ranks(plan2, micro_batch_size=8, skip=100)
     for (full, _), (rest, totals) in zip(stream2, resumed):

@@ -14,7 +14,6 @@ import itertools
 import logging
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
@@ -80,18 +79,13 @@ class _Rows:
             if not self.repeat or n == 0:
                 return
 
-    def fill(self) -> None:
-        """Read until the shuffle window is full or the shard has ended (no random draw: when it
-        runs changes nothing of which rows come out)."""
+    def next(self) -> Row | None:
         while not self.exhausted and len(self.buf) < self.window:
             row = next(self.source, None)
             if row is None:
                 self.exhausted = True
             else:
                 self.buf.append(row)
-
-    def next(self) -> Row | None:
-        self.fill()
         if not self.buf:
             return None
         i = int(self.rng.integers(len(self.buf)))
@@ -167,10 +161,6 @@ class StreamReader:
                      + ", ".join(f"{drop[lang]} {lang}" for lang in langs))
         order = mix_order(quotas)
         try:
-            # Every language's dataset starts at once: read lazily, each would start only when the
-            # mix first picks it, one after another (about 5 s each on CPU workers).
-            with ThreadPoolExecutor(len(rows)) as pool:
-                list(pool.map(_Rows.fill, rows.values()))
             yield from self._mix(rows, order, sum(quotas.values()) // micro_batch_size, micro_batch_size, skip, torch)
         finally:  # close the shard iterators while Ray is still up (not at interpreter exit)
             for r in rows.values():
