@@ -31,6 +31,13 @@ the benchmarks): how it is started, in one place.
   controller, is told it does not exist, and removes the running training's placement group,
   which kills its workers ("Destroying worker since its placement group was removed"; seen
   when an `elo-ray search` started beside a dashboard-less benchmark run).
+- Idle workers kept for reuse: up to IDLE_WORKERS (`RAY_num_workers_soft_limit`, in the
+  environment before `ray.init` so that the raylet reads it; a value already there wins). Ray's
+  default keeps as many as the node has CPUs and ends the others a second after their task: on
+  a 2-CPU machine each stage's Ray tasks (the detach, the counting pass, the reading, merge,
+  eval) then start new Python processes that import torch and transformers again. Kept, the
+  next task reuses one. Ray's memory monitor still ends idle workers first when memory runs
+  short. What it saves: `benchmarks/worker_reuse.py`.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ log = logging.getLogger(__name__)
 
 DASHBOARD_PORT = 8265  # Ray's default, kept when it is free: the address users know
 DASHBOARD_AGENT_PORT = 52365  # Ray 2.60's fixed default, for the record and the tests
+IDLE_WORKERS = 12
+"""Idle worker processes the local Ray keeps for the next task (module docstring)."""
 
 
 def free_port() -> int:
@@ -100,7 +109,7 @@ def missing_dashboard_packages() -> str | None:
 def start(*, dashboard: bool = True, **init_kwargs) -> str | None:
     """Start a local Ray of this process's own, its dashboard agent on a free port and its
     State API's address (without a dashboard: one that refuses) in the environment of every
-    Ray process. Returns the dashboard's URL (None without one); `init_kwargs` go to `ray.init`
+    Ray process, and up to IDLE_WORKERS idle workers kept for reuse. Returns the dashboard's URL (None without one); `init_kwargs` go to `ray.init`
     (num_cpus, log_to_driver, logging_level, ...). A dashboard asked for where its packages are
     missing is left out, with a warning."""
     import ray
@@ -118,5 +127,6 @@ def start(*, dashboard: bool = True, **init_kwargs) -> str | None:
         init_kwargs = {"dashboard_host": "127.0.0.1", "dashboard_port": port, **init_kwargs}
     else:
         os.environ["RAY_API_SERVER_ADDRESS"] = unserved_state_api()  # never another Ray's (docstring)
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS))
     ray.init(address="local", include_dashboard=dashboard, **init_kwargs)
     return url

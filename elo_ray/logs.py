@@ -88,6 +88,38 @@ def quiet_ray_data() -> None:
             handler.setLevel(logging.ERROR)
 
 
+WORKER_POOL_NOTICE = "worker processes have been started on node"
+"""The raylet's notice, each time its live worker processes reach another multiple of the node's
+CPUs from four up: "WARNING: 8 PYTHON worker processes have been started on node: ... This could
+be a result of using a large number of actors, or due to tasks blocked in ray.get() calls"."""
+
+
+def quiet_worker_pool_notice() -> None:
+    """The raylet's WORKER_POOL_NOTICE off this driver's console (it stays in the raylet's log):
+    a Ray Train run is a controller, its workers and Ray Data's actors, and the local Ray keeps
+    idle workers for the next task (`local_ray.IDLE_WORKERS`), so on a small machine the count
+    passes four per CPU in an ordinary run, where the notice tells the user of nothing to do.
+    Every other message the raylet sends the driver (a task killed for memory, ...) is printed
+    as before. Ray 2.60 prints them from its error-listener thread through
+    `ray._private.worker.print_to_stdstream`, looked up at each message: that function is
+    wrapped, once."""
+    import ray._private.worker as ray_worker
+
+    shown = ray_worker.print_to_stdstream
+    if getattr(shown, "elo_ray_quiet", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            data = {**data, "lines": [line for line in data["lines"] if WORKER_POOL_NOTICE not in line]}
+            if not data["lines"]:
+                return
+        shown(data, ignore_prefix)
+
+    print_to_stdstream.elo_ray_quiet = True
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
 def level() -> int:
     """The `elo_ray` logger's effective level here (the one `in_workers` passes on)."""
     return logging.getLogger(LOGGER).getEffectiveLevel()

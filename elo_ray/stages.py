@@ -46,6 +46,7 @@ def ensure_ray() -> None:
         log.info(f"started a local Ray; its dashboard: {local_ray.start(**quiet)}")
     if not verbose:
         logs.quiet_ray_data()
+        logs.quiet_worker_pool_notice()
     log_relay.start()
 
 

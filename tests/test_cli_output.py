@@ -25,7 +25,8 @@ SMALL = ["--stages", "pretrain", "--set", "pretrain.train.max_steps=4", "--set",
          "--set", "pretrain.train.checkpoint_every=4"]
 # Lines the demo printed before: Ray's worker output, its State API warnings, library bars.
 RAY_NOISE = ["Failed to query Ray Train Controller actor state", "pid=", "Loading weights", "Writing model shards",
-             "Token authentication", "Starting execution of Dataset", "Progress bars disabled", "it/s]"]
+             "Token authentication", "Starting execution of Dataset", "Progress bars disabled", "it/s]",
+             "worker processes have been started"]
 # Every line of the default output: elo-ray's messages and the summary at the end of `run`
 # (a message's further lines are indented).
 STORY = re.compile(r"\[elo-ray\] .*|run \S+ complete at \S+|  \S.*")

@@ -46,11 +46,47 @@ def test_a_ray_without_the_dashboards_packages_starts_without_it(monkeypatch, ra
     monkeypatch.setattr(local_ray, "missing_dashboard_packages", lambda: "No module named 'aiohttp_cors'")
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_num_workers_soft_limit", raising=False)
     with caplog.at_level("WARNING", logger="elo_ray.local_ray"):
         assert local_ray.start(num_cpus=2) is None
     assert calls == [{"address": "local", "include_dashboard": False, "num_cpus": 2}]
     assert __import__("os").environ["RAY_API_SERVER_ADDRESS"] == local_ray.unserved_state_api()
     assert "without its dashboard" in caplog.text and "No module named 'aiohttp_cors'" in caplog.text
+    assert __import__("os").environ["RAY_num_workers_soft_limit"] == "12" == str(local_ray.IDLE_WORKERS)
+
+
+def test_a_soft_limit_already_in_the_environment_wins(monkeypatch, ray_param_defaults):
+    import ray
+
+    monkeypatch.setattr(ray, "init", lambda **kw: None)
+    monkeypatch.setenv("RAY_num_workers_soft_limit", "-1")  # Ray's own default: as many as CPUs
+    local_ray.start(dashboard=False)
+    assert __import__("os").environ["RAY_num_workers_soft_limit"] == "-1"
+
+
+def test_idle_workers_beyond_the_cpus_are_kept_for_the_next_tasks(ray_local):
+    # Six tasks at once on the session's 2-CPU Ray; after a wait longer than the second an idle
+    # worker beyond Ray's limit lives, six more: every one runs in a process that was already
+    # there. (Under Ray's default limit, the CPU count, four would be ended and started anew:
+    # with RAY_num_workers_soft_limit=-1 in the environment this test fails.)
+    import time
+
+    import psutil
+
+    @ray_local.remote(num_cpus=0)
+    def pid(barrier_s: float) -> int:
+        time.sleep(barrier_s)
+        import os
+
+        return os.getpid()
+
+    first = set(ray_local.get([pid.remote(2.0) for _ in range(6)]))
+    assert len(first) == 6  # six processes: the tasks ran at once
+    time.sleep(4)  # idle: Ray ends idle workers beyond its limit after 1 s
+    before = time.time()
+    second = ray_local.get([pid.remote(2.0) for _ in range(6)])
+    started = {p: psutil.Process(p).create_time() for p in second}
+    assert all(t < before for t in started.values()), f"new worker processes for the second six: {started}, {before}"
 
 
 def test_the_dashboards_packages_are_installed_here():

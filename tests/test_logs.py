@@ -65,3 +65,29 @@ def test_workers_log_at_the_level_the_driver_passed(driver_level, expected):
     logs.configure(driver_level)
     out = _run_in_fresh_process(logs.in_workers(worker_body))
     assert out.splitlines() == [f"[elo-ray] {m}" for m in expected]
+
+
+def test_the_raylets_worker_pool_notice_is_off_the_console_and_its_other_messages_are_not(monkeypatch, capsys):
+    import inspect
+
+    import ray._private.worker as ray_worker
+
+    # Ray's error-listener thread prints the raylet's messages through this module function,
+    # looked up at each message: what the quieting wraps (if Ray moves it, this fails).
+    assert "print_to_stdstream(" in inspect.getsource(ray_worker.listen_error_messages)
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # undone after
+    notice = ("WARNING: 10 PYTHON worker processes have been started on node: 70fd11 with address: 192.0.2.2. "
+              "This could be a result of using a large number of actors, or due to tasks blocked in ray.get() calls")
+    oom = "Task was killed due to the node running low on memory."
+    logs.quiet_worker_pool_notice()
+    logs.quiet_worker_pool_notice()  # once: a second call does not wrap it again
+    assert ray_worker.print_to_stdstream.elo_ray_quiet
+    ray_worker.print_to_stdstream({"lines": [notice], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert capsys.readouterr().out == ""
+    ray_worker.print_to_stdstream({"lines": [notice, oom], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert oom in out and "PYTHON worker" not in out
+    # A worker's own line that happens to say it is printed: only the raylet's notice is dropped.
+    ray_worker.print_to_stdstream({"lines": [notice], "pid": 4242, "ip": "192.0.2.2", "task_name": "t",
+                                   "is_err": False}, ignore_prefix=False)
+    assert "PYTHON worker" in capsys.readouterr().out
