@@ -12,7 +12,7 @@ from elo_ray import manifest, storage
 from elo_ray.config import ResourcesConfig, load_spec
 from elo_ray import layer_sets as candidates
 from elo_ray.search import ranking, run_search
-from elo_ray.search.trials import TrialOutcome, concurrent_trials
+from elo_ray.search.trials import TrialOutcome, concurrent_trials, trial_spec
 
 DEMO = str(resources.files("elo_ray") / "demo.yaml")
 
@@ -42,6 +42,19 @@ def test_resolve_candidates_against_the_depth():
     with pytest.raises(candidates.CandidateError, match="candidate 0,6: "):
         candidates.resolve([[0, 6]], num_layers=6)
     assert candidates.default(32) == [[0, -1], [0, 1], [-2, -1], [15, 16], [0, 16, -1]]
+
+
+def test_a_trial_is_a_short_elo_run_of_its_candidate_scored_by_perplexity_only(demo_base, tmp_path):
+    spec = load_spec(DEMO, [f"storage.root={tmp_path}", f"model.base={demo_base}"])
+    assert spec.eval.tasks == ["elo_mc_en", "elo_mc_ko"] and spec.align.enabled and spec.instruct.enabled
+    trial = trial_spec(spec, candidates.resolve([[0, 1]], 6)[0], "s")
+    assert trial.storage.root == f"{tmp_path}/s/search" and trial.run_id is None
+    assert trial.pretrain.layers == [0, 1] and trial.pretrain.data.max_tokens == spec.search.max_tokens == 12000
+    assert trial.merge.enabled and trial.eval.enabled and not trial.align.enabled and not trial.instruct.enabled
+    assert trial.eval.tasks == [] and trial.eval.max_docs == spec.eval.max_docs  # ranked by held-out perplexity
+    assert trial.model.base == demo_base
+    corpus = resources.files("elo_ray") / "corpus"  # builtin: names resolved once, for every trial
+    assert [s.uri for s in trial.pretrain.data.sources] == [str(corpus / "en.jsonl"), str(corpus / "ko.jsonl")]
 
 
 def test_concurrent_trials_from_the_resources():

@@ -1,8 +1,9 @@
 """Each candidate layer set as a small pipeline run of its own, run as a Ray Tune trial.
 
 A trial is `pipeline.run_pipeline` on a spec derived from the user's (`trial_spec`): pretrain on
-the candidate's layers with `pretrain.data` capped at `search.max_tokens`, merge, eval; align and
-instruct off; `builtin:` names resolved once, here. It lives at
+the candidate's layers with `pretrain.data` capped at `search.max_tokens`, merge, eval of
+held-out perplexity only (no `eval.tasks`); align and instruct off; `builtin:` names resolved
+once, here. It lives at
 
     {root}/{run_id}/search/{candidate}/     e.g. search/layers-0-31/
 
@@ -70,6 +71,7 @@ def trial_spec(spec: JobSpec, candidate: Candidate, run_id: str) -> JobSpec:
     for src in pretrain["data"]["sources"]:
         src["uri"] = builtin.resolve(src["uri"], root)
     raw["merge"]["enabled"] = raw["eval"]["enabled"] = True
+    raw["eval"]["tasks"] = []  # the ranking reads held-out perplexity; task scores would cost each trial for nothing
     raw["align"]["enabled"] = raw["instruct"]["enabled"] = False
     return spec_from_dict(raw)
 
@@ -132,7 +134,8 @@ def run_trials(spec: JobSpec, run_id: str, candidates: list[Candidate], max_conc
     tuner = tune.Tuner(
         trainable,
         param_space={"candidate": tune.grid_search([c.name for c in candidates])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=k),
+        # reuse_actors: the next trial runs in the finished one's actor, not a new process
+        tune_config=tune.TuneConfig(max_concurrent_trials=k, reuse_actors=True),
         run_config=tune.RunConfig(
             name="trials", storage_path=path, storage_filesystem=fs, verbose=0,
             failure_config=tune.FailureConfig(max_failures=0),
