@@ -9,10 +9,10 @@ Each run is a fresh `elo-ray` process with a storage root, run id and Ray temp d
 alternating the two ways (so a shared machine's load falls on both alike); Ray's default is
 asked for with RAY_num_workers_soft_limit=-1, which `local_ray.start` leaves as it finds it.
 Measured per run: wall seconds of the command, the CPU seconds of its process tree (driver,
-Ray and its workers; each process's last sample, so a process's last second is missed), Python worker processes Ray started (its
-`worker-*.out` logs), the most idle workers seen at once and the most memory (PSS) all its Ray
-worker processes held at once (sampled once a second), and the held-out perplexities the run
-wrote, which must be the same both ways.
+Ray and its workers; each process's last sample, so a process's last second is missed), Python
+worker processes Ray started (its `worker-*.out` logs), the most idle workers seen at once and
+the most memory (PSS) all its Ray worker processes held at once (sampled once a second), and
+the held-out perplexities the run wrote, which must be the same both ways.
 """
 
 from __future__ import annotations

@@ -109,9 +109,10 @@ def missing_dashboard_packages() -> str | None:
 def start(*, dashboard: bool = True, **init_kwargs) -> str | None:
     """Start a local Ray of this process's own, its dashboard agent on a free port and its
     State API's address (without a dashboard: one that refuses) in the environment of every
-    Ray process, and up to IDLE_WORKERS idle workers kept for reuse. Returns the dashboard's URL (None without one); `init_kwargs` go to `ray.init`
-    (num_cpus, log_to_driver, logging_level, ...). A dashboard asked for where its packages are
-    missing is left out, with a warning."""
+    Ray process, and up to IDLE_WORKERS idle workers kept for reuse. Returns the dashboard's
+    URL (None without one); `init_kwargs` go to `ray.init` (num_cpus, log_to_driver,
+    logging_level, ...). A dashboard asked for where its packages are missing is left out,
+    with a warning."""
     import ray
 
     free_dashboard_agent_port()
