@@ -108,6 +108,18 @@ def test_stop_cuts_the_budget_to_the_scarcest_language_and_says_so():
     q, note = quotas({"en": 5, "ko": 1000}, {"en": 0.1, "ko": 0.9}, total=100, repeat=False)
     assert q == {"en": 5, "ko": 45}
     assert "cut to 50" in note and "en holds only 5" in note and "on_exhausted: repeat" in note
+    # The plan's summary (the "data: stream" message) shows the note as one of its further
+    # lines, indented like the languages' lines under the message.
+    from elo_ray.data.plan import StreamPlan
+
+    per_lang = {"docs": 3, "tokens": 900, "dropped": 4, "planned_tokens": 640, "no_text": 0, "bad_records": 0,
+                "non_utf8": 0, "heldout": 1}
+    plan = StreamPlan(datasets={}, dataset_config=None, reader=None, languages=["en", "ko"],
+                      weights={"en": 0.1, "ko": 0.9}, quotas=q, world_size=2, seq_len=128,
+                      report={"en": per_lang, "ko": per_lang}, notes=[note])
+    first, *rest = plan.summary().splitlines()
+    assert first == "stream: 2 worker(s) x 50 sequences of 128 tokens"
+    assert [line[:6] for line in rest[:2]] == ["  en: ", "  ko: "] and rest[2] == f"  {note}"
 
 
 def test_repeat_keeps_the_budget():

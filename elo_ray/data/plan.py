@@ -79,7 +79,7 @@ class StreamPlan:
                 f"{r['no_text']} without text, {r['bad_records']} bad records, {r['non_utf8']} non-UTF-8 (kept), "
                 f"{r['heldout']} held out"
             )
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines + [f"  {note}" for note in self.notes])  # the message's further lines, indented
 
     def local_readers(self) -> list[StreamReader]:
         """One reader per rank over the very splits Ray Train would hand the workers; for runs
