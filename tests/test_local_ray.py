@@ -64,29 +64,39 @@ def test_a_soft_limit_already_in_the_environment_wins(monkeypatch, ray_param_def
     assert __import__("os").environ["RAY_num_workers_soft_limit"] == "-1"
 
 
-def test_idle_workers_beyond_the_cpus_are_kept_for_the_next_tasks(ray_local):
-    # Six tasks at once on the session's 2-CPU Ray; after a wait longer than the second an idle
-    # worker beyond Ray's limit lives, six more: every one runs in a process that was already
-    # there. (Under Ray's default limit, the CPU count, four would be ended and started anew:
-    # with RAY_num_workers_soft_limit=-1 in the environment this test fails.)
+def test_idle_workers_beyond_the_cpus_are_kept_for_the_next_tasks(ray_local, tmp_path):
+    # Six tasks held at a barrier until all six run at once (six processes) on the session's
+    # 2-CPU Ray; after a wait longer than the second an idle worker beyond Ray's limit lives, six
+    # more held the same way: every one runs in a process that was already there. (Under Ray's
+    # default limit, the CPU count, four would be ended and started anew: with
+    # RAY_num_workers_soft_limit=-1 in the environment this test fails.)
+    import os
     import time
 
     import psutil
 
     @ray_local.remote(num_cpus=0)
-    def pid(barrier_s: float) -> int:
-        time.sleep(barrier_s)
-        import os
-
+    def pid_at_barrier(folder: str, n: int) -> int:
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        deadline = time.time() + 300
+        while len(os.listdir(folder)) < n and time.time() < deadline:
+            time.sleep(0.05)
         return os.getpid()
 
-    first = set(ray_local.get([pid.remote(2.0) for _ in range(6)]))
-    assert len(first) == 6  # six processes: the tasks ran at once
+    def six_at_once(name: str) -> list[int]:
+        folder = tmp_path / name
+        folder.mkdir()
+        pids = ray_local.get([pid_at_barrier.remote(str(folder), 6) for _ in range(6)])
+        assert len(set(pids)) == 6, pids  # held together: six processes
+        return pids
+
+    six_at_once("first")
     time.sleep(4)  # idle: Ray ends idle workers beyond its limit after 1 s
     before = time.time()
-    second = ray_local.get([pid.remote(2.0) for _ in range(6)])
+    second = six_at_once("second")
     started = {p: psutil.Process(p).create_time() for p in second}
     assert all(t < before for t in started.values()), f"new worker processes for the second six: {started}, {before}"
+
 
 
 def test_the_dashboards_packages_are_installed_here():
