@@ -90,6 +90,12 @@ class ChatDataConfig(Config):
 # --------------------------------------------------------------------------- training
 
 
+# A field marked so (`json_schema_extra=PERFORMANCE_ONLY`) changes how fast a stage trains or how much
+# memory it takes, not what it computes: changing it reruns no committed stage, and an interrupted
+# stage resumes from its checkpoint under the new value (`TrainConfig.decisive`).
+PERFORMANCE_ONLY = {"performance_only": True}
+
+
 class TrainConfig(Config):
     """Hyper-parameters of one training stage (the same worker loop serves every stage)."""
 
@@ -99,15 +105,24 @@ class TrainConfig(Config):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null: off.")
-    micro_batch_size: int = Field(1, gt=0, description="Sequences per worker per forward.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    micro_batch_size: int = Field(
+        1, gt=0, description="Sequences per worker per forward. Only micro_batch_size x grad_accum (sequences per "
+        "worker per step) decides the result: trading one for the other (to fit memory) reruns nothing, and an "
+        "interrupted stage resumes with the new split.",
+    )
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step (see micro_batch_size).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    activation_checkpointing: bool = Field(False, description="Recompute decoder layers in backward.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute decoder layers in backward (less activation memory, about a third more compute).",
+        json_schema_extra=PERFORMANCE_ONLY,
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 compute with fp32 reduce on GPU, fp32 on CPU."
     )
-    checkpoint_every: int = Field(500, gt=0, description="Optimizer steps between checkpoints.")
-    log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.")
+    checkpoint_every: int = Field(
+        500, gt=0, description="Optimizer steps between checkpoints.", json_schema_extra=PERFORMANCE_ONLY
+    )
+    log_every: int = Field(10, gt=0, description="Optimizer steps between metric reports.", json_schema_extra=PERFORMANCE_ONLY)
     seed: int = Field(0, description="Seed of initialisation-free randomness (dropout, LoRA init).")
     method: Literal["elo", "full", "lora", "layers", "lora_layers"] = Field(
         "full",
@@ -135,6 +150,7 @@ class TrainConfig(Config):
         "state live in host memory and the optimizer step runs on the CPU; the GPU holds the gathered "
         "compute copies and the activations. Same result as without, slower (host-device copies and "
         "a CPU AdamW every step); needs about 16 bytes of host memory per trained parameter / workers.",
+        json_schema_extra=PERFORMANCE_ONLY,
     )
 
     loss: Literal["auto", "plain", "chunked", "liger"] = Field(
@@ -143,19 +159,23 @@ class TrainConfig(Config):
         "loss over chunks of loss_chunk_tokens, so the [tokens, vocab] fp32 logits never exist at once; "
         "liger: liger-kernel's fused kernel (GPU, extra 'gpu'); plain: the model's full logits. "
         "auto: liger on GPU where installed, else chunked. All give the same loss and gradients.",
+        json_schema_extra=PERFORMANCE_ONLY,
     )
     loss_chunk_tokens: int = Field(
-        1024, gt=0, description="Tokens per chunk of the chunked loss (1024 x a 128K vocabulary: 0.5 GB of fp32 logits)."
+        1024, gt=0, description="Tokens per chunk of the chunked loss (1024 x a 128K vocabulary: 0.5 GB of fp32 logits).",
+        json_schema_extra=PERFORMANCE_ONLY,
     )
     frozen_params: Literal["replicate", "shard"] = Field(
         "replicate",
         description="Frozen embedding, final norm and head (all methods but full): replicate keeps one copy per worker "
         "in the compute dtype outside FSDP, never gathered or cast; shard lets FSDP shard them like the "
         "trained layers (less memory at rest, an all-gather and a cast every step).",
+        json_schema_extra=PERFORMANCE_ONLY,
     )
     compile_layers: bool = Field(
         False, description="torch.compile each decoder layer's forward (compiles on the first steps). Measured "
         "1.08x faster for the 8B ELO step on an H200 (benchmarks/README.md); the GPU recipes in jobs/ set it.",
+        json_schema_extra=PERFORMANCE_ONLY,
     )
 
     @field_validator("layers")
@@ -180,6 +200,21 @@ class TrainConfig(Config):
         k = self.neighbours
         return sorted({j for i in self.layers for j in range(i % num_layers - k, i % num_layers + k + 1)
                        if 0 <= j < num_layers})
+
+    @classmethod
+    def performance_fields(cls) -> list[str]:
+        """The fields marked PERFORMANCE_ONLY: how fast and in how much memory, not what is computed."""
+        return [name for name, f in cls.model_fields.items() if f.json_schema_extra == PERFORMANCE_ONLY]
+
+    def decisive(self) -> "TrainConfig":
+        """These settings as they decide the trained result (a stage's config hash reads this):
+        every performance-only field at its default, and micro_batch_size x grad_accum as one
+        micro-batch of that many sequences. So the settings that differ only in speed and memory
+        have one hash, and it is the hash the settings with those defaults and grad_accum 1 had
+        before performance-only fields existed (their runs stay committed)."""
+        defaults = {name: TrainConfig.model_fields[name].default for name in self.performance_fields()}
+        return self.model_copy(update={**defaults, "micro_batch_size": self.micro_batch_size * self.grad_accum,
+                                       "grad_accum": 1})
 
 
 class ResourcesConfig(Config):

@@ -287,21 +287,23 @@ def _remedy(m: StageMemory, spec: JobSpec, model_config: Any) -> str:
     the options that fit on their own, or else every option that helps (to combine)."""
     stage, n = m.stage, spec.resources.num_workers
     seq_key, seq = stage_table.training(spec, stage).seq_len_key, m.seq_len
-    options: list[tuple[str, str]] = []  # (what to tell the user, the --set override it means)
+    # (what to tell the user, the --set overrides it means)
+    options: list[tuple[str, list[str]]] = []
     if not m.activation_checkpointing:
-        options.append((f"turn on {stage}.train.activation_checkpointing", f"{stage}.train.activation_checkpointing=true"))
+        options.append((f"turn on {stage}.train.activation_checkpointing", [f"{stage}.train.activation_checkpointing=true"]))
     if m.micro_batch_size > 1:
+        accum = stage_table.training(spec, stage).train.grad_accum * m.micro_batch_size
         options.append((
-            f"lower {stage}.train.micro_batch_size to 1 and raise grad_accum {m.micro_batch_size}x",
-            f"{stage}.train.micro_batch_size=1",
+            f"lower {stage}.train.micro_batch_size to 1 and raise grad_accum {m.micro_batch_size}x, to {accum}",
+            [f"{stage}.train.micro_batch_size=1", f"{stage}.train.grad_accum={accum}"],
         ))
     if seq >= 1024:
-        options.append((f"lower {seq_key} to {seq // 2}", f"{seq_key}={seq // 2}"))
-    options.append((f"shard over {2 * n} GPUs (resources.num_workers: {2 * n})", f"resources.num_workers={2 * n}"))
+        options.append((f"lower {seq_key} to {seq // 2}", [f"{seq_key}={seq // 2}"]))
+    options.append((f"shard over {2 * n} GPUs (resources.num_workers: {2 * n})", [f"resources.num_workers={2 * n}"]))
     options += _method_options(spec, stage)
     fitting, helping = [], []
-    for text, override in options:
-        trial = _with_overrides(spec, [override])
+    for text, overrides in options:
+        trial = _with_overrides(spec, overrides)
         new = next(x for x in estimate_memory(trial, model_config, m.gpu_memory_gib) if x.stage == stage)
         if new.total_gib < 0.95 * m.total_gib:
             (fitting if new.fits else helping).append(f"{text} (~{new.total_gib:.1f} GiB)")
@@ -312,7 +314,7 @@ def _remedy(m: StageMemory, spec: JobSpec, model_config: Any) -> str:
     return "use GPUs with more memory"
 
 
-def _method_options(spec: JobSpec, stage: str) -> list[tuple[str, str]]:
+def _method_options(spec: JobSpec, stage: str) -> list[tuple[str, list[str]]]:
     """Ways to train `stage` with less memory that change what trains or where its state lives
     (what each keeps of full alignment's recovery: benchmarks/README.md)."""
     train = stage_table.training(spec, stage).train
@@ -320,12 +322,12 @@ def _method_options(spec: JobSpec, stage: str) -> list[tuple[str, str]]:
     if not train.offload_to_cpu:
         options.append((f"keep {stage}'s weight shards, gradients and optimizer state in host memory "
                         f"({stage}.train.offload_to_cpu: true; the same result, slower)",
-                        f"{stage}.train.offload_to_cpu=true"))
+                        [f"{stage}.train.offload_to_cpu=true"]))
     if train.method == "full":
         options.append((f"train only the detached layers and their neighbours ({stage}.train.method: layers)",
-                        f"{stage}.train.method=layers"))
+                        [f"{stage}.train.method=layers"]))
         options.append((f"train those layers whole and LoRA adapters on the rest ({stage}.train.method: lora_layers)",
-                        f"{stage}.train.method=lora_layers"))
+                        [f"{stage}.train.method=lora_layers"]))
     return options
 
 

@@ -15,7 +15,10 @@
 A whole-model stage whose `train.method` is layers or lora_layers and whose `train.layers` is
 unset trains the detached layers, `pretrain.layers` (the table's `train` fills them in).
 `resources`, `storage`, `tracking` and `run_id` are read by no stage: moving a run to more GPUs,
-renaming it or sending its metrics elsewhere never invalidates a committed stage. `eval` reads
+renaming it or sending its metrics elsewhere never invalidates a committed stage. Nor do a train
+section's performance-only settings (activation checkpointing, CPU offload, the loss kernel, ...;
+`config.PERFORMANCE_ONLY`) or how its sequences per step split into micro_batch_size x grad_accum:
+turning one on to get past an out-of-memory error resumes the interrupted stage. `eval` reads
 its whole section, so `eval.tasks` and `eval.task_dirs` are in its config hash.
 
 A stage's config hash (pipeline.py) covers exactly the values of the keys it reads and the
@@ -188,8 +191,19 @@ def value_at(spec: JobSpec, key: str) -> Any:
 
 
 def settings(spec: JobSpec, stage: str) -> dict[str, Any]:
-    """What decides `stage`'s result besides its inputs: each key it reads and its value."""
-    return {key: value_at(spec, key) for key in TABLE[stage].reads(spec)}
+    """What decides `stage`'s result besides its inputs: each key it reads and its value, with
+    every train section as it decides the result (`TrainConfig.decisive`: performance-only
+    settings left out)."""
+    return {key: value_at(_decisive(spec), key) for key in TABLE[stage].reads(spec)}
+
+
+def _decisive(node: Any) -> Any:
+    """`node` with every TrainConfig in it replaced by its `decisive()` settings."""
+    if isinstance(node, TrainConfig):
+        return node.decisive()
+    if not isinstance(node, BaseModel):
+        return node
+    return node.model_copy(update={name: _decisive(value) for name, value in node if isinstance(value, BaseModel)})
 
 
 def training(spec: JobSpec, stage: str) -> Training | None:

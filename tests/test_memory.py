@@ -254,7 +254,7 @@ def test_with_checkpointing_on_the_warning_points_at_micro_batch_or_seq_len():
     (line,) = memory_warnings(spec, llama31_8b(), 40.0, "A100-40GB")
     assert line.startswith("align: estimated ")
     assert "exceeds the 40 GiB of an A100-40GB" in line
-    assert "lower align.train.micro_batch_size to 1 and raise grad_accum 2x (~" in line
+    assert "lower align.train.micro_batch_size to 1 and raise grad_accum 2x, to 2 (~" in line
     assert "activation_checkpointing" not in line  # already on
     lines = memory_warnings(make_spec(align_ckpt=True, seq_len=16384), llama31_8b(), 40.0, "A100-40GB")
     (line,) = [w for w in lines if w.startswith("align:")]

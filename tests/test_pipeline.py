@@ -244,6 +244,51 @@ def test_a_change_reruns_the_stages_that_read_it_and_those_after(tmp_path, chang
     assert rec.calls == reruns
 
 
+# Each performance-only train setting at a value other than its default.
+PERFORMANCE = {"activation_checkpointing": True, "checkpoint_every": 7, "log_every": 3, "offload_to_cpu": True,
+               "loss": "plain", "loss_chunk_tokens": 256, "frozen_params": "shard", "compile_layers": True}
+
+
+def test_performance_only_settings_are_these_and_change_no_stages_hash(tmp_path):
+    """The OOM story: turning on activation checkpointing (or offload, another loss kernel, ...)
+    keeps every committed stage, and an interrupted one resumes under the same Ray run name."""
+    from elo_ray.config import TrainConfig
+
+    assert sorted(TrainConfig.performance_fields()) == sorted(PERFORMANCE)
+    root = str(tmp_path)
+    rec = Recorder()
+    pipeline.run_pipeline(full_spec(root), "r1", rec.fns())
+    rec.calls.clear()
+    faster = {f"{stage}.train": dict(PERFORMANCE) for stage in ("pretrain", "align", "instruct")}
+    pipeline.run_pipeline(full_spec(root, **faster), "r1", rec.fns(), overridden=True)
+    assert rec.calls == []
+
+
+def test_trading_micro_batch_size_for_grad_accum_reruns_nothing_and_another_product_does(tmp_path):
+    root = str(tmp_path)
+    rec = Recorder()
+    pipeline.run_pipeline(full_spec(root, **{"align.train": {"micro_batch_size": 4}}), "r1", rec.fns())
+    rec.calls.clear()
+    pipeline.run_pipeline(full_spec(root, **{"align.train": {"micro_batch_size": 1, "grad_accum": 4}}), "r1",
+                          rec.fns(), overridden=True)
+    assert rec.calls == []
+    pipeline.run_pipeline(full_spec(root, **{"align.train": {"micro_batch_size": 1, "grad_accum": 2}}), "r1",
+                          rec.fns(), overridden=True)
+    assert rec.calls == ["align", "instruct", "eval"]
+
+
+def test_a_spec_with_default_performance_settings_keeps_the_hash_it_had_before_they_were_set_apart(tmp_path):
+    """Runs committed by an elo-ray whose hash read every train setting as it is stay committed
+    when they left the performance-only settings at their defaults and grad_accum at 1."""
+    from elo_ray import stage_table
+
+    spec = full_spec(str(tmp_path), **{"pretrain.train": {"lr": 1e-3, "micro_batch_size": 2}})
+    for stage in stage_table.ORDER:
+        as_before = {key: stage_table.value_at(spec, key) for key in stage_table.TABLE[stage].reads(spec)}
+        assert stage_table.settings(spec, stage) == as_before, stage
+    assert stage_table.settings(spec, "pretrain")["pretrain"]["train"]["micro_batch_size"] == 2
+
+
 def test_adding_the_chat_vector_afterwards_reruns_only_instruct_and_eval(tmp_path):
     """The user story of issue 11: pretrain, merge and align are hours of 8 GPUs; keep them."""
     root = str(tmp_path)

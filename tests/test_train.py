@@ -224,6 +224,35 @@ def test_run_stopped_on_two_workers_resumes_on_one_to_the_same_weights(elo_run, 
         torch.testing.assert_close(after[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)
 
 
+def test_run_stopped_resumes_with_other_performance_settings_and_split_to_the_same_weights(elo_run, models, tmp_path):
+    """What a user does after an out-of-memory stop: the step-4 checkpoint (micro-batches of 2),
+    resumed on the same workers with activation checkpointing, CPU offload, the plain loss, sharded
+    frozen parameters and each step's 2 sequences per worker as 1 x accumulation 2: the stream is
+    replayed exactly, so losses and weights are the uninterrupted run's (fp32 tolerance)."""
+    inner = rows_plan(learnable_rows(STEPS * 2 * 2, SEQ, VOCAB)).reader
+    out = tmp_path / "out"
+    with pytest.raises(TrainingError, match="a node was lost"):
+        train(models, "elo", str(tmp_path), str(out), reader=StoppingReader(inner, stop_at=5))
+    smaller = dict(micro_batch_size=1, grad_accum=2, activation_checkpointing=True, offload_to_cpu=True, loss="plain",
+                   frozen_params="shard", checkpoint_every=3)
+    result = train(models, "elo", str(tmp_path), str(out), reader=StoppingReader(inner, stop_at=5), **smaller)
+    assert result.resumed_from_step == 4 and result.steps == STEPS
+    assert result.metrics["resumed"] == [{
+        "from_step": 4, "old_world": 2, "new_world": 2, "micro_batch_size": 1, "grad_accum": 2,
+        "was": {"micro_batch_size": 2, "grad_accum": 1}, "max_sequences_repeated_or_skipped": 0,
+    }]
+    assert result.metrics["tokens_total"] == elo_run["result"].metrics["tokens_total"] == STEPS * 4 * SEQ
+    resumed = [json.loads(line) for line in open(result.metrics_uri)]
+    whole = [json.loads(line) for line in open(elo_run["result"].metrics_uri)]
+    assert [m["step"] for m in resumed] == [m["step"] for m in whole] == list(range(2, STEPS + 1, 2))
+    for r, w in zip(resumed, whole):
+        assert r["loss"] == pytest.approx(w["loss"], rel=1e-5) and r["lr"] == pytest.approx(w["lr"], rel=1e-6)
+    after, uninterrupted = tensors(str(out)), tensors(elo_run["out"])
+    assert sorted(after) == sorted(uninterrupted)
+    for name in uninterrupted:
+        torch.testing.assert_close(after[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)
+
+
 def test_resume_with_another_model_names_the_mismatch(elo_run, models, tmp_path):
     config = tiny_config(num_hidden_layers=2, vocab_size=VOCAB, intermediate_size=48)
     config.elo_layers = [0, 2]

@@ -341,6 +341,32 @@ def test_reshard_keeps_the_global_batch_within_the_micro_batch_limit(old, new, l
                       "grad_accum": expected[1], "sequences_trained": {"en": 10, "ko": 90}}
 
 
+@pytest.mark.parametrize("old, new", [((4, 1), (1, 4)), ((2, 3), (3, 2)), ((1, 6), (6, 1))])
+def test_resplit_replays_the_same_stream_to_where_it_stopped(old, new):
+    """Another split of the same sequences per step on the same workers: the stream position is
+    the same sequence, counted in micro-batches of the new size; nothing is skipped or repeated."""
+    state = train_state(2, *old)
+    state.data.micro_batches = 7 * old[1]  # after 7 steps
+    state.step = 7
+    record = state.resplit(*new)
+    assert state.data == DataPosition(2, *new, micro_batches=7 * new[1])
+    assert state.data.micro_batches * new[0] == 7 * old[0] * old[1]
+    assert state.global_batch == 2 * old[0] * old[1]
+    assert record == {"from_step": 7, "old_world": 2, "new_world": 2, "micro_batch_size": new[0], "grad_accum": new[1],
+                      "was": {"micro_batch_size": old[0], "grad_accum": old[1]}}
+
+
+def test_resplit_into_another_number_of_sequences_per_step_is_refused_with_the_counts():
+    state = train_state(world=2, micro_batch_size=4, grad_accum=1)
+    state.step = 3
+    with pytest.raises(TrainingError) as e:
+        state.resplit(1, 2)
+    assert str(e.value) == (
+        "cannot resume step 3 with micro_batch_size 1 x grad_accum 2: the run trains 4 sequences per worker per "
+        "step (micro_batch_size 4 x grad_accum 1); keep that product, or start a new run name")
+    assert state.data == DataPosition(2, 4, 1)
+
+
 def test_reshard_onto_a_world_that_does_not_divide_the_batch_names_the_counts_that_do():
     state = train_state(world=2, micro_batch_size=2, grad_accum=1)
     with pytest.raises(TrainingError) as e:

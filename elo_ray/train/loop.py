@@ -17,7 +17,10 @@ hyper-parameters (`train`). Per optimizer step the loop:
 
 A run resumes from its latest checkpoint, also on another number of workers: DCP reshards the
 model and optimizer, the global batch and the schedule stay as they were, and the data stream
-continues after the sequences of each language trained so far (`TrainState.reshard`).
+continues after the sequences of each language trained so far (`TrainState.reshard`). On the same
+workers it may resume with other performance-only settings (activation checkpointing, offload,
+the loss kernel, ...) and with each step's sequences split into other micro-batches
+(`TrainState.resplit`): the stream is replayed exactly to where it stopped.
 
 At the end it exports the trained model as a HF checkpoint at `output_uri`. Errors that a retry
 cannot fix (`TrainingError`) end every worker cleanly and are recorded in `error.json` in the
@@ -139,11 +142,14 @@ class Worker:
         self.resumed_from = self.state.step
         self.last_checkpoint = self.state.step if saved else None
         if saved:
-            record = {"from_step": self.state.step, "old_world": self.state.data.world, "new_world": self.world}
-            if self.state.data.world != self.world:
-                record = self.state.reshard(self.world, self.train_cfg.micro_batch_size)
+            t, data = self.train_cfg, self.state.data
+            record = {"from_step": self.state.step, "old_world": data.world, "new_world": self.world}
+            if data.world != self.world:
+                record = self.state.reshard(self.world, t.micro_batch_size)
                 record["max_sequences_repeated_or_skipped"] = self.loop.reader.resume_bound(record["old_world"])
             else:
+                if (data.micro_batch_size, data.grad_accum) != (t.micro_batch_size, t.grad_accum):
+                    record = self.state.resplit(t.micro_batch_size, t.grad_accum)
                 record["max_sequences_repeated_or_skipped"] = 0  # the same stream, replayed to where it stopped
             self.state.resumed.append(record)
         if self.rank == 0:
@@ -158,6 +164,10 @@ class Worker:
         if not saved:
             return "starting"
         r = self.state.resumed[-1]
+        if "was" in r:
+            return (f"resuming from step {self.state.step} with micro_batch_size {r['micro_batch_size']} x grad_accum "
+                    f"{r['grad_accum']} per worker (was {r['was']['micro_batch_size']} x {r['was']['grad_accum']}); "
+                    "the same sequences per step")
         if r["old_world"] == r["new_world"]:
             return f"resuming from step {self.state.step}"
         return (f"resuming from step {self.state.step} on {r['new_world']} workers (was {r['old_world']}): "

@@ -170,7 +170,9 @@ def build_meta(config, train: TrainConfig) -> nn.Module:
     with _params_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         if train.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # activation_checkpointing_enable: transformers 5.25 on; its old name warns there
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         if lora_on:
             import peft
 

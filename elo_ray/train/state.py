@@ -112,6 +112,27 @@ class TrainState(Stateful):
 
     # ------------------------------------------------------------------ resume
 
+    def resplit(self, micro_batch_size: int, grad_accum: int) -> dict:
+        """Continue on the same workers with each step's sequences split into `grad_accum`
+        micro-batches of `micro_batch_size` (e.g. smaller ones to fit memory); returns the record.
+
+        Every worker reads the same stream as before, so the run continues exactly where it
+        stopped. Raises `TrainingError` when the split holds another number of sequences per step."""
+        old = self.data
+        if micro_batch_size * grad_accum != old.micro_batch_size * old.grad_accum:
+            raise TrainingError(
+                f"cannot resume step {self.step} with micro_batch_size {micro_batch_size} x grad_accum {grad_accum}: "
+                f"the run trains {old.micro_batch_size * old.grad_accum} sequences per worker per step "
+                f"(micro_batch_size {old.micro_batch_size} x grad_accum {old.grad_accum}); keep that product, "
+                f"or start a new run name"
+            )
+        sequences = old.micro_batches * old.micro_batch_size  # read by each worker so far
+        self.data = DataPosition(world=old.world, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
+                                 micro_batches=sequences // micro_batch_size, start=old.start)
+        return {"from_step": self.step, "old_world": old.world, "new_world": old.world,
+                "micro_batch_size": micro_batch_size, "grad_accum": grad_accum,
+                "was": {"micro_batch_size": old.micro_batch_size, "grad_accum": old.grad_accum}}
+
     def reshard(self, world: int, max_micro_batch_size: int) -> dict:
         """Continue on `world` workers where the state's workers stopped; returns the record.
 
