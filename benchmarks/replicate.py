@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/replicate.py --smoke --target de               # a few pages, a tiny model
     .venv/bin/python benchmarks/replicate.py --size medium --device cuda       # larger, on a GPU
     .venv/bin/python benchmarks/replicate.py --search-spec    # a spec of this setting for `elo-ray search`
+    .venv/bin/python benchmarks/replicate.py --size medium --bundle   # corpus + tokenizer for a host without apt-get
 
 1. Corpus: English and the target language (`--target`, default ja) from Debian's manual pages
    (`manpages`, `manpages-dev`, `manpages-LANG`; installed with apt-get when missing), rendered
@@ -77,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write --out/search.yaml, a job spec of this setting (base model, corpus, ELO's stream and "
                    "schedule) for `elo-ray search`, print the command that runs it, and exit")
     p.add_argument("--report-only", action="store_true", help="redraw the table and plots from --out/results.json")
+    p.add_argument("--bundle", action="store_true",
+                   help="build the corpus and tokenizer of --size and --target, pack them into --out/bundle.tar.xz "
+                   "for a GPU host that cannot install the manual pages, print how to run there, and exit"),
     args = p.parse_args(argv)
     if args.smoke:
         args.size = "smoke"
@@ -216,6 +220,38 @@ def write_search_spec(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a run elsewhere needs of --out to skip the corpus' build (man-db, apt-get) and the tokenizer's
+# training: the rendered documents and their settings, and the tokenizer. The alignment split,
+# token counts, bases and rows are made there.
+def bundle_members(exp: Experiment) -> list[Path]:
+    """The files of `exp.out` that `--bundle` packs, relative to it."""
+    corpus = [exp.corpus_dir / "corpus.json"] + [exp.corpus_dir / f"{lang}.{part}.jsonl"
+                                                 for lang in exp.languages for part in ("train", "heldout")]
+    tokenizer = sorted(p for p in exp.tokenizer_dir.iterdir() if p.is_file() and not p.name.startswith("counts-"))
+    return [p.relative_to(exp.out) for p in corpus + tokenizer]
+
+
+def write_bundle(args: argparse.Namespace) -> int:
+    """--bundle: the corpus and tokenizer of this preset and target as one archive (issue 16: the
+    larger presets on a GPU host that has no package index, so no manual pages to render)."""
+    import tarfile
+
+    size = args.rows[0].size(SIZES[args.size])
+    exp = Experiment(args.out, size, target=args.target, size_name=args.size, device=args.device, seed=args.seed)
+    exp.prepare()
+    path = args.out / "bundle.tar.xz"
+    tmp = path.with_name(path.name + ".tmp")
+    with tarfile.open(tmp, "w:xz") as tar:
+        for member in bundle_members(exp):
+            tar.add(exp.out / member, arcname=str(member))
+    os.replace(tmp, path)
+    out = os.path.relpath(args.out, Path.cwd())
+    log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); on the GPU host, in a copy of the checkout that has it:")
+    log(f"  tar -xJf {out}/bundle.tar.xz -C {out}")
+    log(f"  python3 benchmarks/replicate.py --size {args.size} --target {args.target} --device cuda --out {out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out: Path = args.out
@@ -230,6 +266,8 @@ def main(argv=None) -> int:
 
     if args.search_spec:
         return write_search_spec(args)
+    if args.bundle:
+        return write_bundle(args)
     began = time.perf_counter()
     header = {"size_name": args.size, "target": args.target, "device": args.device, "seed": args.seed}
     if args.fresh:

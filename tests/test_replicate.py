@@ -190,6 +190,15 @@ def test_report_rows_speed_ups_and_plots(tmp_path):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_without_matplotlib_the_report_is_the_tables_alone_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    results = _results()
+    assert report.write(results, tmp_path) == [tmp_path / "results.md"]
+    assert (tmp_path / "results.md").read_text(encoding="utf-8") == report.markdown(results)
+    assert not list(tmp_path.glob("*.png"))
+    assert "plots left out: matplotlib is not installed here" in capsys.readouterr().out
+
+
 def test_english_question_compares_each_elo_row_with_full_on_its_own_base():
     md = report.markdown(_results())
     # preset: ELO +20% English vs full +10%; the target gain kept is ln(3000/90) / ln(3000/60) = 90%.
@@ -360,6 +369,46 @@ def test_smoke_rerun_skips_finished_rows(smoke):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("row done already, skipped") == 2 and "[replicate] row: " not in proc.stdout
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+
+@pytest.mark.slow
+def test_a_bundle_runs_where_manual_pages_apt_get_and_matplotlib_are_missing(tmp_path):
+    """The GPU host of issue 16 has no package index: --bundle's corpus and tokenizer let the
+    harness run there without man-db or apt-get, and without matplotlib it writes the tables."""
+    reason = _smoke_prerequisites("ja")
+    if reason:
+        pytest.skip(reason)
+    script = [sys.executable, str(ROOT / "benchmarks" / "replicate.py"), "--smoke"]
+    here, there = tmp_path / "here", tmp_path / "there"
+    made = subprocess.run([*script, "--bundle", "--out", str(here)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    assert not (here / "results.json").exists() and not (here / "bases").exists()
+    import tarfile
+
+    with tarfile.open(here / "bundle.tar.xz") as tar:
+        names = sorted(tar.getnames())
+        tar.extractall(there, filter="data")
+    assert names == sorted([*(f"corpus/ja/{lang}.{part}.jsonl" for lang in ("en", "ja") for part in ("train", "heldout")),
+                            "corpus/ja/corpus.json", *(f"tokenizer/ja-512/{f}" for f in (
+                                "chat_template.jinja", "settings.json", "tokenizer.json", "tokenizer_config.json"))])
+    blocker = tmp_path / "blocked"
+    blocker.mkdir()
+    (blocker / "matplotlib.py").write_text("raise ImportError('no matplotlib on this host')\n")
+    tools = tmp_path / "tools"  # this machine's commands but the ones the corpus' build runs (Ray's workers need bash)
+    tools.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        for name in (os.listdir(folder) if os.path.isdir(folder) else ()):
+            if name not in ("man", "col", "apt-get", "apt", "dpkg-query", "dpkg") and not (tools / name).exists():
+                (tools / name).symlink_to(Path(folder) / name)
+    env = {**os.environ, "PATH": str(tools), "PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"}
+    proc = subprocess.run([*script, "--methods", "elo", "--out", str(there)], capture_output=True, text=True,
+                          timeout=1800, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "corpus: reusing" in proc.stdout and "tokenizer: reusing" in proc.stdout
+    assert "plots left out: matplotlib is not installed here" in proc.stdout
+    results = json.loads((there / "results.json").read_text())
+    assert [r["method"] for r in results["rows"]] == ["elo"]
+    assert (there / "results.md").is_file() and not list(there.glob("*.png"))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from replicate import languages
+from replicate.corpus import log
 from replicate.rows import full_reference_changes, setting_label
 
 STAGE_ORDER = ("detach", "cp", "pretrain", "merge", "align")
@@ -519,13 +520,18 @@ def plot_english(results: dict, path: Path) -> None:
 
 
 def write(results: dict, out_dir: Path) -> list[Path]:
-    """results.md and the plots there are rows for, in `out_dir`; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """results.md and the plots there are rows for, in `out_dir`; returns their paths. Without
+    matplotlib (a GPU image may lack it) only results.md: `--report-only` draws the plots where it is."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "results.md"]
     paths[0].write_text(markdown(results), encoding="utf-8")
+    try:
+        import matplotlib
+    except ImportError:
+        log("plots left out: matplotlib is not installed here; `replicate.py --report-only --out DIR` draws them "
+            "where it is")
+        return paths
+    matplotlib.use("Agg")
     plots = []
     if preset_rows(results):
         plots += [("perplexity.png", plot_perplexity), ("time.png", plot_time), ("loss.png", plot_loss)]
