@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a field of the size preset for every row, e.g. --set elo_lr=1e-4 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's worker output and elo-ray's debug lines too (as `elo-ray run --verbose`)")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray (default: all)")
     p.add_argument("--nice", type=int, default=0, metavar="N",
                    help="once Ray has started, lower this process and all of Ray's to niceness N (on a shared "
@@ -113,23 +115,24 @@ def start_ray(args: argparse.Namespace) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # shorter start-up of each stage
-    import ray
+    import logging
 
-    from elo_ray import logs
-
-    logs.configure()  # elo-ray's progress lines, here and (the level carried along) in the workers
-    # A Ray of our own with its dashboard agent on a free port (`local_ray` says why). A start
-    # can still time out on a loaded machine, so a long matrix keeps trying, for about half an hour.
     import psutil  # Ray depends on it
 
-    from elo_ray import local_ray
+    from elo_ray import logs
+    from elo_ray.stages import ensure_ray
 
+    # elo-ray's progress lines, here and (the level carried along) in the workers; Ray's worker
+    # output (its State API warning every second, without a dashboard) only with --verbose.
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO)
+    # A Ray of our own (`local_ray` says why), started as `elo-ray run` starts one but without its
+    # dashboard. A start can still time out on a loaded machine, so a long matrix keeps trying, for
+    # about half an hour.
     attempts = 30
     for attempt in range(1, attempts + 1):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
-            local_ray.start(dashboard=False, num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0,
-                            logging_config=ray.LoggingConfig(log_level="WARNING"))
+            ensure_ray(dashboard=False, num_cpus=args.cpus, num_gpus=1 if args.device == "cuda" else 0)
             break
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
             # The failed start leaves its GCS server, dashboard and monitors running: end them.

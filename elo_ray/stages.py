@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+from typing import Any
 
 import ray
 
@@ -24,9 +25,10 @@ from elo_ray.train.metric_logging import TrackingTarget
 log = logging.getLogger(__name__)
 
 
-def ensure_ray() -> None:
+def ensure_ray(**local: Any) -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS is set), else start a local Ray
-    with its dashboard, which Ray Train needs (`local_ray`).
+    with its dashboard, which Ray Train needs (`local_ray`; `local`: more of `local_ray.start`'s
+    arguments, e.g. the benchmarks' dashboard=False and num_cpus).
 
     Called by each stage as it starts, so that a rerun whose stages are all committed
     never pays for starting Ray. What Ray's workers print (their logs, Ray's and the
@@ -43,7 +45,8 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
-        log.info(f"started a local Ray; its dashboard: {local_ray.start(**quiet)}")
+        url = local_ray.start(**quiet, **local)
+        log.info("started a local Ray; " + (f"its dashboard: {url}" if url else "no dashboard"))
     if not verbose:
         logs.quiet_ray_data()
         logs.quiet_worker_pool_notice()
