@@ -92,7 +92,7 @@ class ChatDataConfig(Config):
 
 # A field marked so (`json_schema_extra=PERFORMANCE_ONLY`) changes how fast a stage trains or how much
 # memory it takes, not what it computes: changing it reruns no committed stage, and an interrupted
-# stage resumes from its checkpoint under the new value (`TrainConfig.decisive`).
+# stage resumes from its checkpoint under the new value (`TrainConfig.result_settings`).
 PERFORMANCE_ONLY = {"performance_only": True}
 
 
@@ -206,7 +206,7 @@ class TrainConfig(Config):
         """The fields marked PERFORMANCE_ONLY: how fast and in how much memory, not what is computed."""
         return [name for name, f in cls.model_fields.items() if f.json_schema_extra == PERFORMANCE_ONLY]
 
-    def decisive(self) -> "TrainConfig":
+    def result_settings(self) -> "TrainConfig":
         """These settings as they decide the trained result (a stage's config hash reads this):
         every performance-only field at its default, and micro_batch_size x grad_accum as one
         micro-batch of that many sequences. So the settings that differ only in speed and memory

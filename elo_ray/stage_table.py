@@ -192,18 +192,18 @@ def value_at(spec: JobSpec, key: str) -> Any:
 
 def settings(spec: JobSpec, stage: str) -> dict[str, Any]:
     """What decides `stage`'s result besides its inputs: each key it reads and its value, with
-    every train section as it decides the result (`TrainConfig.decisive`: performance-only
+    every train section as it decides the result (`TrainConfig.result_settings`: performance-only
     settings left out)."""
-    return {key: value_at(_decisive(spec), key) for key in TABLE[stage].reads(spec)}
+    return {key: value_at(_result_settings(spec), key) for key in TABLE[stage].reads(spec)}
 
 
-def _decisive(node: Any) -> Any:
-    """`node` with every TrainConfig in it replaced by its `decisive()` settings."""
+def _result_settings(node: Any) -> Any:
+    """`node` with every TrainConfig in it replaced by its `result_settings()`."""
     if isinstance(node, TrainConfig):
-        return node.decisive()
+        return node.result_settings()
     if not isinstance(node, BaseModel):
         return node
-    return node.model_copy(update={name: _decisive(value) for name, value in node if isinstance(value, BaseModel)})
+    return node.model_copy(update={name: _result_settings(value) for name, value in node if isinstance(value, BaseModel)})
 
 
 def training(spec: JobSpec, stage: str) -> Training | None:

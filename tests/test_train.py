@@ -195,6 +195,21 @@ class StoppingReader(RowsReader):
             yield b
 
 
+def assert_trained_as_uninterrupted(result, out, elo_run) -> None:
+    """A resumed run's tokens, losses and learning rates at every logged step, and its exported
+    weights, are the uninterrupted run's (fp32 tolerance)."""
+    assert result.metrics["tokens_total"] == elo_run["result"].metrics["tokens_total"] == STEPS * 4 * SEQ
+    resumed = [json.loads(line) for line in open(result.metrics_uri)]
+    whole = [json.loads(line) for line in open(elo_run["result"].metrics_uri)]
+    assert [m["step"] for m in resumed] == [m["step"] for m in whole] == list(range(2, STEPS + 1, 2))
+    for r, w in zip(resumed, whole):
+        assert r["loss"] == pytest.approx(w["loss"], rel=1e-5) and r["lr"] == pytest.approx(w["lr"], rel=1e-6)
+    after, uninterrupted = tensors(str(out)), tensors(elo_run["out"])
+    assert sorted(after) == sorted(uninterrupted)
+    for name in uninterrupted:
+        torch.testing.assert_close(after[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)
+
+
 def test_run_stopped_on_two_workers_resumes_on_one_to_the_same_weights(elo_run, models, tmp_path):
     """The step-4 checkpoint of 2 workers, resumed on 1: DCP reshards it, the global batch of 4
     sequences becomes micro-batch 2 x accumulation 2, and the exact stream continues at row 16, so
@@ -212,16 +227,7 @@ def test_run_stopped_on_two_workers_resumes_on_one_to_the_same_weights(elo_run, 
         "from_step": 4, "old_world": 2, "new_world": 1, "micro_batch_size": 2, "grad_accum": 2,
         "sequences_trained": {"en": 16}, "max_sequences_repeated_or_skipped": 0,
     }]
-    assert result.metrics["tokens_total"] == elo_run["result"].metrics["tokens_total"] == STEPS * 4 * SEQ
-    resumed = [json.loads(line) for line in open(result.metrics_uri)]
-    whole = [json.loads(line) for line in open(elo_run["result"].metrics_uri)]
-    assert [m["step"] for m in resumed] == [m["step"] for m in whole] == list(range(2, STEPS + 1, 2))
-    for r, w in zip(resumed, whole):
-        assert r["loss"] == pytest.approx(w["loss"], rel=1e-5) and r["lr"] == pytest.approx(w["lr"], rel=1e-6)
-    after, uninterrupted = tensors(str(out)), tensors(elo_run["out"])
-    assert sorted(after) == sorted(uninterrupted)
-    for name in uninterrupted:
-        torch.testing.assert_close(after[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)
+    assert_trained_as_uninterrupted(result, out, elo_run)
 
 
 def test_run_stopped_resumes_with_other_performance_settings_and_split_to_the_same_weights(elo_run, models, tmp_path):
@@ -241,16 +247,7 @@ def test_run_stopped_resumes_with_other_performance_settings_and_split_to_the_sa
         "from_step": 4, "old_world": 2, "new_world": 2, "micro_batch_size": 1, "grad_accum": 2,
         "was": {"micro_batch_size": 2, "grad_accum": 1}, "max_sequences_repeated_or_skipped": 0,
     }]
-    assert result.metrics["tokens_total"] == elo_run["result"].metrics["tokens_total"] == STEPS * 4 * SEQ
-    resumed = [json.loads(line) for line in open(result.metrics_uri)]
-    whole = [json.loads(line) for line in open(elo_run["result"].metrics_uri)]
-    assert [m["step"] for m in resumed] == [m["step"] for m in whole] == list(range(2, STEPS + 1, 2))
-    for r, w in zip(resumed, whole):
-        assert r["loss"] == pytest.approx(w["loss"], rel=1e-5) and r["lr"] == pytest.approx(w["lr"], rel=1e-6)
-    after, uninterrupted = tensors(str(out)), tensors(elo_run["out"])
-    assert sorted(after) == sorted(uninterrupted)
-    for name in uninterrupted:
-        torch.testing.assert_close(after[name], uninterrupted[name], rtol=0, atol=1e-5, msg=name)
+    assert_trained_as_uninterrupted(result, out, elo_run)
 
 
 def test_resume_with_another_model_names_the_mismatch(elo_run, models, tmp_path):
