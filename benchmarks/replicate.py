@@ -261,6 +261,9 @@ def main(argv=None) -> int:
     results_json = out / "results.json"
     publish_ok = args.size != "smoke" and not args.no_publish
     if args.report_only:
+        if not results_json.is_file():
+            log(f"error: no {results_json} to draw from; run rows into that --out first (or pass the --out they used)")
+            return 2
         results = json.loads(results_json.read_text())
         paths = report.write(results, out)
         if publish_ok:

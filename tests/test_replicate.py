@@ -199,6 +199,17 @@ def test_without_matplotlib_the_report_is_the_tables_alone_and_says_so(tmp_path,
     assert "plots left out: matplotlib is not installed here" in capsys.readouterr().out
 
 
+def test_report_only_without_results_says_which_file_is_missing(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replicate_script", ROOT / "benchmarks" / "replicate.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--report-only", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().out == (f"[replicate] error: no {tmp_path / 'results.json'} to draw from; run rows into "
+                                       "that --out first (or pass the --out they used)\n")
+
+
 def test_english_question_compares_each_elo_row_with_full_on_its_own_base():
     md = report.markdown(_results())
     # preset: ELO +20% English vs full +10%; the target gain kept is ln(3000/90) / ln(3000/60) = 90%.
