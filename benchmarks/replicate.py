@@ -188,12 +188,11 @@ def run_rows(args: argparse.Namespace, store: ResultsStore) -> None:
         store.data["info"].update({k: exp.info[k] for k in ("corpus_tokens", "eval_tokens", "cpus", "torch",
                                                               "platform") if k in exp.info})
         store.data["info"]["vocab_size"] = len(json.loads((exp.tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
-        base = exp.pretrain_base()
-        store.add_base(base)
+        base_key = store.add_base(exp.pretrain_base())
         load_start, began = list(os.getloadavg()), time.perf_counter()
         result = METHODS[row.method](exp, MethodOptions(middle_layers=middle))
         store.add_row({
-            "key": key, "method": row.method, "changes": changes, "command": cmd, "base": base["key"],
+            "key": key, "method": row.method, "changes": changes, "command": cmd, "base": base_key,
             "size": asdict(size), "result": asdict(result), "commit": exp.info.get("elo_ray_commit"),
             "load_average_at_start": load_start, "load_average_at_end": list(os.getloadavg()),
             "wall_s": time.perf_counter() - began, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -256,6 +256,20 @@ def test_a_row_is_keyed_by_what_it_changes_and_the_store_skips_finished_rows(tmp
     assert len(set(all_rows)) == len(all_rows) and set(all_rows) >= {r for m in rows.MATRICES.values() for r in m}
 
 
+def test_a_base_built_again_otherwise_is_kept_beside_the_first_and_cited_by_its_rows(tmp_path):
+    header = {"size_name": "small", "target": "ja", "device": "cpu", "seed": 0}
+    store = rows.ResultsStore(tmp_path / "results.json", header)
+    first = {"key": "b1", "settings": {"size": {"num_layers": 12}}, "perplexity": {"en": 216.07, "ja": 67358.0}}
+    again = {**first, "perplexity": {"en": 215.98, "ja": 67597.4}}
+    assert store.add_base(first) == "b1" and store.add_base(dict(first)) == "b1"  # the same build: reused
+    assert store.add_base(again) == "b1.2" and store.add_base(dict(again)) == "b1.2"
+    assert store.add_base({**first, "perplexity": {"en": 1.0, "ja": 2.0}}) == "b1.3"
+    saved = rows.ResultsStore(tmp_path / "results.json", header).data["bases"]
+    assert saved["b1"] == first and saved["b1.2"] == {**again, "rebuild_of": "b1"} and len(saved) == 3
+    label = report._base_label({"target": "ja"}, {**saved["b1.2"], "settings": {"size": {"num_layers": 12}}})
+    assert label == "base (12 layers, English only, from scratch; built again, as b1 was gone)"
+
+
 # --------------------------------------------------------------------------- end to end
 
 

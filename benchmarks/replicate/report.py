@@ -50,7 +50,8 @@ def _base_label(results: dict, base: dict) -> str:
     share = base["settings"]["size"].get("base_target_share", 0.0)
     layers = base["settings"]["size"]["num_layers"]
     what = "English only" if not share else f"{100 * (1 - share):.0f}% English, {100 * share:.0f}% {_name(results['target'])}"
-    return f"base ({layers} layers, {what}, from scratch)"
+    rebuilt = f"; built again, as {base['rebuild_of']} was gone" if base.get("rebuild_of") else ""
+    return f"base ({layers} layers, {what}, from scratch{rebuilt})"
 
 
 def model_rows(results: dict, rows: list[dict]) -> list[dict]:
@@ -167,7 +168,8 @@ def target_gain_kept(base: float, ref: float, after: float) -> float | None:
 
 
 def full_reference(results: dict, row: dict) -> dict | None:
-    """The full fine-tuning row with the same base, tokens and mix as ELO row `row`."""
+    """The full fine-tuning row with the same base settings, tokens and mix as ELO row `row` (on
+    a base built again with the same settings, `rebuild_of`, too: the rows share one key)."""
     want = full_reference_changes(row["changes"])
     return next((r for r in results["rows"] if r["method"] == "full" and r["changes"] == want), None)
 

@@ -132,6 +132,11 @@ MATRICES = {
 }
 
 
+def _same_build(saved: dict, base: dict) -> bool:
+    """The same base model: same settings and the same held-out perplexities."""
+    return saved["settings"] == base["settings"] and saved["perplexity"] == base["perplexity"]
+
+
 class ResultsStore:
     """results.json of one size preset, target, seed and device: the bases and the rows so far.
     Every added row is written at once (atomically), so a crash keeps what finished."""
@@ -152,9 +157,19 @@ class ResultsStore:
     def has(self, key: str) -> bool:
         return any(r["key"] == key for r in self.data["rows"])
 
-    def add_base(self, base: dict) -> None:
-        self.data["bases"][base["key"]] = base
-        self.save()
+    def add_base(self, base: dict) -> str:
+        """Record a base model; returns the key its rows cite. A base built again with the same
+        settings (its folder was gone: another machine) is not bit for bit the first, so one that
+        came out otherwise is kept beside it as KEY.2, KEY.3, ... (`rebuild_of`: KEY), and the rows
+        that ran on the first keep citing theirs."""
+        bases, key = self.data["bases"], base["key"]
+        builds = [k for k in bases if k == key or bases[k].get("rebuild_of") == key]
+        same = next((k for k in builds if _same_build(bases[k], base)), None)
+        if same is None:
+            same = key if not builds else f"{key}.{len(builds) + 1}"
+            bases[same] = base if same == key else {**base, "rebuild_of": key}
+            self.save()
+        return same
 
     def add_row(self, row: dict) -> None:
         self.data["rows"] = [r for r in self.data["rows"] if r["key"] != row["key"]] + [row]
