@@ -270,6 +270,20 @@ def test_a_base_built_again_otherwise_is_kept_beside_the_first_and_cited_by_its_
     assert label == "base (12 layers, English only, from scratch; built again, as b1 was gone)"
 
 
+def test_rows_on_a_rebuilt_base_show_it_beside_the_first_and_are_measured_against_it(tmp_path):
+    results = _results()
+    results["bases"]["b1.2"] = {**results["bases"]["b1"], "perplexity": {"en": 31.0, "ja": 2900.0}, "rebuild_of": "b1"}
+    lora = next(r for r in results["rows"] if r["method"] == "lora")
+    lora["base"] = "b1.2"
+    table = report.perplexity_table(results, report.preset_rows(results))
+    assert "| base (12 layers, English only, from scratch) | all (12.9M) |" in table
+    assert "| base (12 layers, English only, from scratch; built again, as b1 was gone) | all (12.9M) |" in table
+    assert "| lora | LoRA r=16 (0.50M) | 300K | 300 | 1,200 | 1.50 | 31.0 (+0%) | 200.0 (-93%) |" in table
+    every = report.all_rows_table(results)
+    assert every.count("| base b1") == 2 and "| preset | lora |" in every
+    assert report.write(results, tmp_path)[1].name == "perplexity.png"
+
+
 # --------------------------------------------------------------------------- end to end
 
 

@@ -55,10 +55,11 @@ def _base_label(results: dict, base: dict) -> str:
 
 
 def model_rows(results: dict, rows: list[dict]) -> list[dict]:
-    """One row per evaluated model: the base of the first row, and every model the rows produced."""
+    """One row per evaluated model: each base the rows ran on (one, or a base and its rebuilds), and
+    every model the rows produced."""
     out = []
-    if rows:
-        base = results["bases"][rows[0]["base"]]
+    for key in dict.fromkeys(row["base"] for row in rows):
+        base = results["bases"][key]
         out.append({"model": _base_label(results, base), "method": "base", "trained": f"all ({base['params'] / 1e6:.1f}M)",
                     "tokens": base["run"]["tokens"], "stages": [base["run"]], "perplexity": base["perplexity"],
                     "base": base})
@@ -276,7 +277,7 @@ def all_rows_table(results: dict) -> str:
     t = results["target"]
     lines = [f"| setting | model | tokens | wall s | worker CPU s | ppl en (vs its base) | ppl {t} (vs its base) | command |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for r in model_rows(results, results["rows"])[1:]:
+    for r in (r for r in model_rows(results, results["rows"]) if r["method"] != "base"):
         trained = [s for s in r["stages"] if s.get("loop_s") is not None]
         cpu = [s.get("cpu_s") for s in trained]
         b = r["base"]["perplexity"]
@@ -345,9 +346,8 @@ def plot_perplexity(results: dict, path: Path) -> None:
     langs = _langs(results)
     fig, axes = plt.subplots(1, len(langs), figsize=(6 * len(langs), 0.5 * len(rows) + 1.5), squeeze=False)
     labels = [r["model"] for r in rows]
-    colours = ["#999999"] + [
-        "#4c72b0" if r["method"] == "full" else "#c44e52" if r["method"] == "lora"
-        else ("#8fd19e" if r["model"].endswith("no align") else "#2e8540") for r in rows[1:]]
+    colours = ["#999999" if r["method"] == "base" else "#4c72b0" if r["method"] == "full" else "#c44e52"
+               if r["method"] == "lora" else ("#8fd19e" if r["model"].endswith("no align") else "#2e8540") for r in rows]
     for ax, lang in zip(axes[0], langs):
         values = [r["perplexity"][lang] for r in rows]
         ax.barh(range(len(rows)), values, color=colours)
