@@ -82,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="redraw the table and plots from --out/results.json")
     p.add_argument("--bundle", action="store_true",
                    help="build the corpus and tokenizer of --size and --target, pack them into --out/bundle.tar.xz "
-                   "for a GPU host that cannot install the manual pages, print how to run there, and exit"),
+                   "for a GPU host that cannot install the manual pages, print how to run there, and exit")
     args = p.parse_args(argv)
     if args.smoke:
         args.size = "smoke"
